@@ -1,0 +1,31 @@
+"""statekeep: save program state often and cheaply; come back exactly where you were.
+
+Every save is atomic (a reader sees all of it or none of it), durable (fsynced) by
+default and verified on load; see the documentation for the guarantees.
+"""
+
+from __future__ import annotations
+
+from statekeep._keeper import LatestStatesKeeper
+from statekeep._store import PersistentStateMixin, StateInfo, StateStore
+from statekeep.errors import (
+    CorruptCheckpointError,
+    CorruptStateError,
+    StateExistsError,
+    StatekeepError,
+    StorageError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CorruptCheckpointError",
+    "CorruptStateError",
+    "LatestStatesKeeper",
+    "PersistentStateMixin",
+    "StateExistsError",
+    "StateInfo",
+    "StateStore",
+    "StatekeepError",
+    "StorageError",
+]

@@ -1,0 +1,218 @@
+"""Snapshots of many objects: PersistentStateMixin, StateStore and StateInfo."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from statekeep import _atomic, _manifest
+from statekeep.errors import CorruptStateError, StateExistsError
+
+__all__ = ["PersistentStateMixin", "StateInfo", "StateStore"]
+
+logger = logging.getLogger("statekeep")
+
+
+class PersistentStateMixin:
+    """Something that can write its state under a path and read it back.
+
+    Override both methods. ``path`` does not exist yet when :meth:`save_state` is
+    called: write a file there, a directory there, or files beside it whose names
+    start with ``path.name`` (``model.pt``, ``model.optim.pt``).
+    """
+
+    def save_state(self, path: Path) -> None:
+        """Write this object's state at ``path``. The default writes nothing."""
+
+    def load_state(self, path: Path) -> None:
+        """Restore this object's state from ``path``. The default does nothing."""
+
+
+@dataclass(frozen=True)
+class StateInfo:
+    """A committed snapshot: where it is, when it was committed (UTC), its payload size."""
+
+    path: Path
+    created_at: datetime
+    size_bytes: int
+
+
+def check_name(name: str, what: str = "name") -> None:
+    """Reject a name that is not one plain path component.
+
+    Raises:
+        ValueError: ``name`` is empty, ``.``/``..``, holds ``/``, ``\\`` or NUL, or
+            starts with ``.statekeep`` (reserved for the store's own files).
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"{what} must be a str, not {type(name).__name__}")
+    if name in ("", ".", ".."):
+        raise ValueError(f"{what} {name!r} is not allowed: it must be a plain file name")
+    for bad in ("/", "\\", "\0"):
+        if bad in name:
+            raise ValueError(f"{what} {name!r} is not allowed: it contains {bad!r}")
+    if name.startswith(_atomic.PRIVATE_DIR):
+        raise ValueError(f"{what} {name!r} is not allowed: names starting with .statekeep are reserved")
+
+
+@dataclass(frozen=True)
+class Scanned:
+    """A directory of the store as seen by a scan: its manifest, or why it has none."""
+
+    path: Path
+    manifest: _manifest.Manifest | None
+    problem: CorruptStateError | None
+    mtime: float
+
+    @property
+    def order(self) -> tuple[float, int, str]:
+        if self.manifest is not None:
+            return (self.manifest.created_at.timestamp(), self.manifest.sequence, self.path.name)
+        return (self.mtime, 0, self.path.name)
+
+
+def scan_dirs(states_dir: Path, match: str | None = None) -> list[Scanned]:
+    """Every directory of ``states_dir`` but the private one, oldest first."""
+    found: list[Scanned] = []
+    try:
+        it = os.scandir(states_dir)
+    except FileNotFoundError:
+        return found
+    with it:
+        for entry in it:
+            if entry.name == _atomic.PRIVATE_DIR or not entry.is_dir(follow_symlinks=False):
+                continue
+            if match is not None and not fnmatch.fnmatchcase(entry.name, match):
+                continue
+            path = Path(entry.path)
+            manifest = problem = None
+            try:
+                manifest = _manifest.read_manifest(path)
+            except CorruptStateError as exc:
+                problem = exc
+            except FileNotFoundError:
+                continue  # removed while we looked
+            try:
+                mtime = entry.stat(follow_symlinks=False).st_mtime
+            except FileNotFoundError:
+                continue
+            found.append(Scanned(path, manifest, problem, mtime))
+    found.sort(key=lambda s: s.order)
+    return found
+
+
+class StateStore:
+    """Saves registered components into timestamped, atomically committed directories.
+
+    Args:
+        states_dir: where states go; created (with parents) if missing.
+        state_name_format: ``strftime`` format of a state's directory name (local time).
+        durable: fsync every file and directory so a save survives power loss.
+    """
+
+    def __init__(
+        self,
+        states_dir: str | Path,
+        state_name_format: str = "%Y-%m-%d_%H-%M-%S,%f.state",
+        *,
+        durable: bool = True,
+    ) -> None:
+        self.states_dir = Path(states_dir)
+        self.state_name_format = state_name_format
+        self.durable = durable
+        self._states: dict[str, PersistentStateMixin] = {}
+        self._lock = threading.Lock()
+        _atomic.ensure_private(self.states_dir, durable=durable)
+        _atomic.sweep(self.states_dir)
+
+    def register(self, name: str, state: PersistentStateMixin) -> None:
+        """Add a component; it is saved at ``<state dir>/<name>``.
+
+        Raises:
+            KeyError: ``name`` is already registered.
+            ValueError: ``name`` is not a plain file name.
+        """
+        check_name(name, "state name")
+        with self._lock:
+            if name in self._states:
+                raise KeyError(f"state name {name!r} is already registered")
+            self._states[name] = state
+
+    def _components(self) -> Iterator[tuple[str, PersistentStateMixin]]:
+        with self._lock:
+            return iter(list(self._states.items()))
+
+    def save_state(self) -> Path:
+        """Save every component into a new state directory and return its path.
+
+        The state is built privately and becomes visible in one rename, complete.
+
+        Raises:
+            StateExistsError: a state with the same name is already committed.
+        """
+        name = datetime.now().strftime(self.state_name_format)
+        check_name(name, "state_name_format produced")
+        final = self.states_dir / name
+        if os.path.lexists(final):
+            raise StateExistsError(17, f"state {final} already exists", str(final))
+        with _manifest.BuildDir(self.states_dir, durable=self.durable) as build:
+            for component, state in self._components():
+                state.save_state(build.path / component)
+            build.commit(final)
+        return final
+
+    def load_state(self, state_path: str | Path, *, verify: bool = True) -> None:
+        """Restore every registered component from ``state_path``.
+
+        Raises:
+            FileNotFoundError: ``state_path`` does not exist.
+            CorruptStateError: with ``verify``, the state does not match its manifest.
+        """
+        path = Path(state_path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"state {path} does not exist")
+        if verify:
+            _manifest.verify(path)
+        for component, state in self._components():
+            state.load_state(path / component)
+
+    def list_states(self) -> list[StateInfo]:
+        """Committed states (directories with a readable manifest), oldest first."""
+        return [
+            StateInfo(
+                s.path,
+                s.manifest.created_at.astimezone(timezone.utc),
+                s.manifest.size_bytes,
+            )
+            for s in scan_dirs(self.states_dir)
+            if s.manifest is not None
+        ]
+
+    def latest_state(self) -> Path | None:
+        """The newest committed state, or None."""
+        states = self.list_states()
+        return states[-1].path if states else None
+
+    def load_latest_state(self) -> Path | None:
+        """Load the newest state that verifies; return its path, or None if none does.
+
+        Each newer state that fails verification is skipped with a warning saying why.
+        """
+        for scanned in reversed(scan_dirs(self.states_dir)):
+            try:
+                if scanned.problem is not None:
+                    raise scanned.problem
+                self.load_state(scanned.path, verify=True)
+            except CorruptStateError as exc:
+                logger.warning("statekeep: skipping state %s: %s", scanned.path, exc)
+                continue
+            except FileNotFoundError:
+                continue  # pruned while we looked
+            return scanned.path
+        return None
