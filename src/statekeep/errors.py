@@ -7,7 +7,9 @@ exception a caller would already catch::
     ├── StateExistsError(StatekeepError, FileExistsError)
     ├── CorruptStateError(StatekeepError, ValueError)       a snapshot failed verification
     ├── CorruptCheckpointError(StatekeepError, ValueError)  a checkpoint could not be read
-    └── StorageError(StatekeepError, OSError)               the backend failed
+    ├── StorageError(StatekeepError, OSError)               the backend failed
+    └── StateValidationError(StatekeepError, ValueError)    a persisted state does not fit its model
+        └── StateVersionError                               ...its schema version cannot be migrated
 
 All of them pickle and unpickle to an equal error, so they cross process
 boundaries (``multiprocessing``, ``concurrent.futures``) intact.
@@ -19,6 +21,8 @@ __all__ = [
     "CorruptCheckpointError",
     "CorruptStateError",
     "StateExistsError",
+    "StateValidationError",
+    "StateVersionError",
     "StatekeepError",
     "StorageError",
 ]
@@ -42,3 +46,26 @@ class CorruptCheckpointError(StatekeepError, ValueError):
 
 class StorageError(StatekeepError, OSError):
     """A storage backend failed; ``__cause__`` holds the underlying error."""
+
+
+class StateValidationError(StatekeepError, ValueError):
+    """A persisted :class:`~statekeep.RecoverableState` value does not validate as its model.
+
+    Attributes:
+        key: the ``persist_state_key`` whose persisted value failed.
+        field: the dotted path of the first offending field (``"stats.pages"``), or None
+            when the record as a whole is malformed.
+    """
+
+    def __init__(self, message: str, *, key: str | None = None, field: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+        self.field = field
+
+
+class StateVersionError(StateValidationError):
+    """A persisted value's schema version is newer than the application's, or has no migration.
+
+    Never answered by resetting to the default, whatever ``on_invalid`` says: the value may
+    be perfectly good for a newer release of the application.
+    """
