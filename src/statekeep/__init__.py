@@ -7,6 +7,7 @@ default and verified on load; see the documentation for the guarantees.
 from __future__ import annotations
 
 from statekeep._keeper import LatestStatesKeeper
+from statekeep._manager import ExecutionContext, StateManager
 from statekeep._store import PersistentStateMixin, StateInfo, StateStore
 from statekeep.errors import (
     CorruptCheckpointError,
@@ -21,10 +22,12 @@ __version__ = "0.1.0"
 __all__ = [
     "CorruptCheckpointError",
     "CorruptStateError",
+    "ExecutionContext",
     "LatestStatesKeeper",
     "PersistentStateMixin",
     "StateExistsError",
     "StateInfo",
+    "StateManager",
     "StateStore",
     "StatekeepError",
     "StorageError",
