@@ -80,6 +80,11 @@ def session_key(session_id: str | UUID) -> str:
         raise ValueError("session_id must not be empty")
     if "\0" in session_id:
         raise ValueError(f"session_id {session_id!r} must not contain NUL")
+    if not session_id.isascii():
+        try:
+            session_id.encode()
+        except UnicodeEncodeError:
+            raise ValueError(f"session_id {session_id!r} is not valid Unicode") from None
     return session_id
 
 
@@ -98,7 +103,9 @@ def encode(what: str, key: str, value: Mapping[str, Any] | None) -> bytes:
     try:
         return pydantic_core.to_json(value, bytes_mode="base64", inf_nan_mode="constants")
     except pydantic_core.PydanticSerializationError as exc:
-        raise TypeError(f"checkpoint {what} for session {key!r} cannot be stored as JSON: {exc}") from None
+        raise TypeError(
+            f"checkpoint {what} for session {key!r} cannot be stored as JSON: {exc}"
+        ) from None
 
 
 def decode(raw: bytes | str) -> dict[str, Any]:
