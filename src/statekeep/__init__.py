@@ -16,15 +16,27 @@ from statekeep.errors import (
     StatekeepError,
     StorageError,
 )
+from statekeep.storage import (
+    CheckpointInfo,
+    CheckpointStorage,
+    FileCheckpointStorage,
+    MemoryCheckpointStorage,
+    SQLiteCheckpointStorage,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointInfo",
+    "CheckpointStorage",
     "CorruptCheckpointError",
     "CorruptStateError",
     "ExecutionContext",
+    "FileCheckpointStorage",
     "LatestStatesKeeper",
+    "MemoryCheckpointStorage",
     "PersistentStateMixin",
+    "SQLiteCheckpointStorage",
     "StateExistsError",
     "StateInfo",
     "StateManager",
