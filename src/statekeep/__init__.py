@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from statekeep._keeper import LatestStatesKeeper
 from statekeep._manager import ExecutionContext, StateManager
+from statekeep._recoverable import RecoverableState
 from statekeep._store import PersistentStateMixin, StateInfo, StateStore
 from statekeep.errors import (
     CorruptCheckpointError,
     CorruptStateError,
     StateExistsError,
     StatekeepError,
+    StateValidationError,
+    StateVersionError,
     StorageError,
 )
 from statekeep.storage import (
@@ -36,11 +39,14 @@ __all__ = [
     "LatestStatesKeeper",
     "MemoryCheckpointStorage",
     "PersistentStateMixin",
+    "RecoverableState",
     "SQLiteCheckpointStorage",
     "StateExistsError",
     "StateInfo",
     "StateManager",
     "StateStore",
+    "StateValidationError",
+    "StateVersionError",
     "StatekeepError",
     "StorageError",
 ]
