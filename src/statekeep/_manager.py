@@ -171,7 +171,7 @@ class StateManager(Generic[ContextT]):
         self._context_type: type[ContextT] = context_type
         self._native = issubclass(context_type, ExecutionContext)
         self._clock = clock
-        self._due_row, self._due_at = self._policy.next_due(0, clock())
+        self._due_row, self._due_at = self._policy.next_due(0, self._now())
 
     @property
     def storage(self) -> CheckpointStorage:
@@ -192,6 +192,10 @@ class StateManager(Generic[ContextT]):
     def context_type(self) -> type[ContextT]:
         """The model :meth:`load_checkpoint` returns."""
         return self._context_type
+
+    def _now(self) -> float:
+        # Without a time interval the clock is never read.
+        return 0.0 if self._policy.seconds is None else self._clock()
 
     def should_checkpoint(self, current_row: int) -> bool:
         """Whether a checkpoint is due at ``current_row`` (or by the clock)."""
@@ -235,7 +239,7 @@ class StateManager(Generic[ContextT]):
                 exc_info=exc,
             )
             return False
-        self._due_row, self._due_at = self._policy.next_due(row, self._clock())
+        self._due_row, self._due_at = self._policy.next_due(row, self._now())
         logger.debug("checkpoint of session %s saved at row %d", session_id, row)
         return True
 
