@@ -1,0 +1,71 @@
+"""Shared fixtures, and the switch that keeps the long kill -9 campaign out of the default run."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+WORKERS = Path(__file__).parent / "crashworkers"
+_CRASH_REPORT = pytest.StashKey[list[str]]()
+
+
+def long_campaign() -> bool:
+    """True when the long crash campaign was asked for (``nox -s crash``)."""
+    return os.environ.get("STATEKEEP_CRASH_CAMPAIGN") == "long"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[_CRASH_REPORT] = []
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect (not skip) ``crash``-marked tests unless the long campaign was requested."""
+    if long_campaign() or "crash" in (config.option.markexpr or ""):
+        return
+    keep = [item for item in items if item.get_closest_marker("crash") is None]
+    if len(keep) != len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+        items[:] = keep
+
+
+def pytest_terminal_summary(
+    terminalreporter: pytest.TerminalReporter, config: pytest.Config
+) -> None:
+    lines = config.stash.get(_CRASH_REPORT, [])
+    if lines:
+        terminalreporter.section("crash campaigns")
+        for line in lines:
+            terminalreporter.write_line(line)
+
+
+@pytest.fixture
+def crash_report(request: pytest.FixtureRequest) -> list[str]:
+    """Lines appended here are printed in the terminal summary."""
+    return request.config.stash[_CRASH_REPORT]
+
+
+@pytest.fixture
+def states_dir(tmp_path: Path) -> Path:
+    """A not-yet-existing directory for a store or keeper."""
+    return tmp_path / "states"
+
+
+@pytest.fixture
+def worker_cmd() -> list[str]:
+    """The command that runs tests/crashworkers/snapshot_worker.py."""
+    return [sys.executable, str(WORKERS / "snapshot_worker.py")]
+
+
+@pytest.fixture
+def worker_env() -> dict[str, str]:
+    """The environment for worker subprocesses: no coverage tracing (they die by SIGKILL)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("COV_CORE_", "COVERAGE_")) and k != "PYTHONWARNINGS"
+    }
+    env["PYTHONUNBUFFERED"] = "1"
+    return env

@@ -1,0 +1,297 @@
+"""The atomic-commit layer: work entries, the sweep, and crash-safe rename/replace/discard."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from statekeep import StateExistsError, _atomic
+
+PRIVATE = _atomic.PRIVATE_DIR
+
+
+@pytest.fixture
+def private(states_dir: Path) -> Path:
+    return _atomic.ensure_private(states_dir, durable=True)
+
+
+class TestEnsurePrivate:
+    """The private folder is created with its parents, once."""
+
+    def test_creates_parents(self, tmp_path: Path) -> None:
+        root = tmp_path / "a" / "b"
+        assert _atomic.ensure_private(root, durable=True) == root / PRIVATE
+        assert (root / PRIVATE).is_dir()
+
+    def test_idempotent(self, states_dir: Path) -> None:
+        first = _atomic.ensure_private(states_dir, durable=False)
+        (first / "keep").write_text("x")
+        assert _atomic.ensure_private(states_dir, durable=False) == first
+        assert (first / "keep").read_text() == "x"
+
+    def test_fsync_dir_accepts_a_directory(self, tmp_path: Path) -> None:
+        _atomic.fsync_dir(tmp_path)
+        (tmp_path / "f").write_text("x")
+        with pytest.raises(NotADirectoryError):
+            _atomic.fsync_dir(tmp_path / "f")
+
+
+class TestWork:
+    """A work entry is a locked ``.work`` directory or file in the private folder."""
+
+    def test_directory_entry(self, private: Path) -> None:
+        work = _atomic.Work(private, is_dir=True)
+        assert work.path.parent == private
+        assert work.path.name.endswith(".work")
+        assert work.path.is_dir()
+        assert not list(private.glob("*.pending"))
+        work.discard()
+        assert not work.path.exists()
+        assert work.fd == -1
+
+    def test_file_entry(self, private: Path) -> None:
+        work = _atomic.Work(private, is_dir=False)
+        assert work.path.is_file()
+        work.release()
+        work.release()  # idempotent
+        assert work.path.exists()
+        assert _atomic.sweep(private.parent) == [work.path]
+
+    def test_entries_are_distinct(self, private: Path) -> None:
+        works = [_atomic.Work(private, is_dir=True) for _ in range(20)]
+        assert len({w.path for w in works}) == 20
+        for work in works:
+            work.discard()
+
+
+class TestSweep:
+    """The sweep reclaims what dead owners left and never a live owner's work."""
+
+    def test_live_owner_in_another_thread_is_left_alone(self, private: Path) -> None:
+        held = threading.Event()
+        done = threading.Event()
+        box: list[_atomic.Work] = []
+
+        def owner() -> None:
+            box.append(_atomic.Work(private, is_dir=True))
+            (box[0].path / "part").write_bytes(b"half")
+            held.set()
+            done.wait(30)
+            box[0].release()  # the owner "dies" without cleaning up
+
+        thread = threading.Thread(target=owner)
+        thread.start()
+        try:
+            assert held.wait(30)
+            assert _atomic.sweep(private.parent) == []
+            assert (box[0].path / "part").read_bytes() == b"half"
+        finally:
+            done.set()
+            thread.join(30)
+        assert _atomic.sweep(private.parent) == [box[0].path]
+        assert not box[0].path.exists()
+
+    def test_dead_owner_process_is_reclaimed(
+        self, states_dir: Path, worker_cmd: list[str], worker_env: dict[str, str]
+    ) -> None:
+        proc = subprocess.Popen(
+            [*worker_cmd, "hold", str(states_dir)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=worker_env,
+        )
+        try:
+            assert proc.stdout is not None
+            kind, path_text = proc.stdout.readline().decode().split()
+            assert kind == "held"
+            held = Path(path_text)
+            assert _atomic.sweep(states_dir) == []  # alive: left alone
+            assert (held / "half-written").exists()
+            os.kill(proc.pid, signal.SIGKILL)
+            assert proc.wait(30) == -signal.SIGKILL
+        finally:
+            for stream in (proc.stdin, proc.stdout):
+                if stream is not None:
+                    stream.close()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(30)
+        assert _atomic.sweep(states_dir) == [held]
+        assert not held.exists()
+
+    def test_pending_is_kept_while_young_and_reclaimed_when_old(self, private: Path) -> None:
+        young = private / "a.pending"
+        old = private / "b.pending"
+        young.mkdir()
+        old.mkdir()
+        past = time.time() - _atomic.PENDING_GRACE - 10
+        os.utime(old, (past, past))
+        assert _atomic.sweep(private.parent) == [old]
+        assert young.exists()
+
+    def test_trash_is_reclaimed(self, private: Path) -> None:
+        trash = private / "x.trash"
+        (trash / "deep").mkdir(parents=True)
+        (trash / "deep" / "f").write_bytes(b"1")
+        assert _atomic.sweep(private.parent) == [trash]
+        assert not trash.exists()
+
+    def test_other_entries_are_left_alone(self, private: Path) -> None:
+        (private / "sequence").write_text("3")
+        (private / "notes").mkdir()
+        assert _atomic.sweep(private.parent) == []
+        assert sorted(os.listdir(private)) == ["notes", "sequence"]
+
+    def test_missing_private_folder(self, tmp_path: Path) -> None:
+        assert _atomic.sweep(tmp_path / "nowhere") == []
+
+    def test_removal_error_is_logged_and_skipped(
+        self, private: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        (private / "a.trash").mkdir()
+        (private / "b.trash").mkdir()
+
+        def refuse(path: Path) -> None:
+            if path.name == "a.trash":
+                raise PermissionError(13, "Permission denied", str(path))
+            os.rmdir(path)
+
+        monkeypatch.setattr(_atomic, "remove_tree", refuse)
+        with caplog.at_level(logging.WARNING, logger="statekeep"):
+            assert _atomic.sweep(private.parent) == [private / "b.trash"]
+        assert "could not reclaim" in caplog.text
+        assert "a.trash" in caplog.text
+
+
+class TestDiscardCommitted:
+    """Removing a committed entry takes it out of sight first, then deletes it."""
+
+    def test_removes(self, states_dir: Path) -> None:
+        state = states_dir / "a.state"
+        (state / "sub").mkdir(parents=True)
+        (state / "sub" / "f").write_bytes(b"x")
+        _atomic.discard_committed(states_dir, state)
+        assert not state.exists()
+        assert os.listdir(states_dir / PRIVATE) == []
+
+    def test_crash_before_delete_leaves_only_trash(
+        self, states_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        state = states_dir / "a.state"
+        state.mkdir(parents=True)
+        (state / "f").write_bytes(b"x")
+
+        def die(path: Path) -> None:
+            raise SystemExit("killed between the rename and the delete")
+
+        monkeypatch.setattr(_atomic, "remove_tree", die)
+        with pytest.raises(SystemExit):
+            _atomic.discard_committed(states_dir, state)
+        monkeypatch.undo()
+        assert not state.exists()  # gone from the listing at once
+        [trash] = os.listdir(states_dir / PRIVATE)
+        assert trash.endswith(".trash")
+        assert _atomic.sweep(states_dir) == [states_dir / PRIVATE / trash]
+
+    def test_missing(self, states_dir: Path) -> None:
+        states_dir.mkdir()
+        with pytest.raises(FileNotFoundError):
+            _atomic.discard_committed(states_dir, states_dir / "nope")
+
+
+@pytest.fixture(params=["renameat2", "fallback"])
+def rename_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "fallback":
+        monkeypatch.setattr(_atomic, "_renameat2", None)
+    return str(request.param)
+
+
+class TestRenameNoreplace:
+    """Renaming never replaces an existing entry, with or without renameat2."""
+
+    def test_renames(self, tmp_path: Path, rename_mode: str) -> None:
+        (tmp_path / "src").mkdir()
+        _atomic.rename_noreplace(tmp_path / "src", tmp_path / "dst")
+        assert (tmp_path / "dst").is_dir()
+        assert not (tmp_path / "src").exists()
+
+    @pytest.mark.parametrize("existing", ["dir", "empty dir", "file"])
+    def test_refuses_existing(self, tmp_path: Path, rename_mode: str, existing: str) -> None:
+        src, dst = tmp_path / "src", tmp_path / "dst"
+        src.mkdir()
+        (src / "new").write_text("new")
+        if existing == "file":
+            dst.write_text("old")
+        else:
+            dst.mkdir()
+            if existing == "dir":
+                (dst / "old").write_text("old")
+        with pytest.raises(StateExistsError) as info:
+            _atomic.rename_noreplace(src, dst)
+        assert info.value.filename == str(dst)
+        assert str(dst) in str(info.value)
+        assert (src / "new").read_text() == "new"
+        if existing == "file":
+            assert dst.read_text() == "old"
+        else:
+            assert os.listdir(dst) == (["old"] if existing == "dir" else [])
+
+    def test_missing_source(self, tmp_path: Path, rename_mode: str) -> None:
+        with pytest.raises(FileNotFoundError):
+            _atomic.rename_noreplace(tmp_path / "nope", tmp_path / "dst")
+
+
+class TestReplaceFile:
+    """A file is replaced whole or not at all."""
+
+    @pytest.mark.parametrize("durable", [True, False])
+    def test_creates_and_replaces(self, tmp_path: Path, durable: bool) -> None:
+        final = tmp_path / "f.json"
+        _atomic.replace_file(tmp_path, final, [b"one"], durable=durable)
+        assert final.read_bytes() == b"one"
+        _atomic.replace_file(tmp_path, final, [b"two", b"-", b"parts"], durable=durable)
+        assert final.read_bytes() == b"two-parts"
+        assert os.listdir(tmp_path / PRIVATE) == []
+
+    def test_failure_mid_write_keeps_the_old_file(self, tmp_path: Path) -> None:
+        final = tmp_path / "f.json"
+        final.write_bytes(b"old")
+
+        def chunks() -> Iterator[bytes]:
+            yield b"new data, half of it"
+            raise RuntimeError("the producer failed")
+
+        with pytest.raises(RuntimeError, match="producer failed"):
+            _atomic.replace_file(tmp_path, final, chunks(), durable=True)
+        assert final.read_bytes() == b"old"
+        assert os.listdir(tmp_path / PRIVATE) == []
+
+
+class TestWriteAll:
+    """Short writes are retried until every byte is out."""
+
+    def test_short_writes(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        real_write = os.write
+        calls = []
+
+        def short_write(fd: int, data: bytes | memoryview) -> int:
+            calls.append(len(data))
+            return real_write(fd, bytes(data[:3]))
+
+        monkeypatch.setattr(os, "write", short_write)
+        fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
+        try:
+            _atomic.write_all(fd, [b"hello ", memoryview(b"world"), b""])
+        finally:
+            os.close(fd)
+        monkeypatch.undo()
+        assert (tmp_path / "f").read_bytes() == b"hello world"
+        assert len(calls) > 2
