@@ -1,0 +1,492 @@
+"""A conformance suite for checkpoint storages: run it over your own backend.
+
+Subclass :class:`CheckpointStorageContract` (or, for a backend that keeps its
+checkpoints after being closed and reopened, :class:`PersistentCheckpointStorageContract`)
+in a pytest module and give it a ``make_storage`` fixture: a function that opens the
+storage under test, and opens the *same* storage again when called again::
+
+    import pytest
+    from statekeep.testing import PersistentCheckpointStorageContract
+
+    class TestMyStorage(PersistentCheckpointStorageContract):
+        @pytest.fixture
+        def make_storage(self, tmp_path):
+            return lambda: MyStorage(tmp_path / "checkpoints")
+
+Every storage the suite opens is closed again (when it has a ``close()``). statekeep
+runs this same suite over its memory, file and SQLite backends. This module imports
+pytest, so import it from test code only.
+"""
+
+from __future__ import annotations
+
+import threading
+import zlib
+from collections.abc import Callable, Iterator
+from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Any
+from uuid import UUID
+
+import pydantic
+import pytest
+
+from statekeep.storage._base import CheckpointStorage
+
+__all__ = ["AWKWARD_IDS", "CheckpointStorageContract", "PersistentCheckpointStorageContract"]
+
+StorageFactory = Callable[[], CheckpointStorage]
+
+#: Session ids that must neither escape the storage nor collide with each other.
+AWKWARD_IDS: tuple[str, ...] = (
+    ".",
+    "..",
+    "../escape",
+    "/",
+    "a/b",
+    "/etc/passwd",
+    "\\",
+    "a\\b",
+    "C:\\Windows",
+    "CON",
+    "con",
+    "Con",
+    "nul",
+    "LPT1",
+    "com1.txt",
+    "aux.",
+    " ",
+    "trailing dot.",
+    "trailing space ",
+    ".statekeep",
+    ".hidden",
+    "-rf",
+    "%41",
+    "A",
+    "a",
+    "Session",
+    "session",
+    "SESSION",
+    "x" * 300,
+    "x" * 299 + "X",
+    "ü" * 200,
+    "日本語のセッション",
+    "emoji \U0001f389",
+    "tab\there",
+    "new\nline",
+    "semi;colon:star*?<>|\"quote'",
+)
+
+_DEFAULT_IDS = ("alpha", "beta", "gamma")
+
+
+def _close(storage: object) -> None:
+    close = getattr(storage, "close", None)
+    if close is not None:
+        close()
+
+
+def _signed(writer: int, round_: int) -> dict[str, Any]:
+    """A value whose parts all depend on who wrote it, so a mix of two is detectable."""
+    body = [writer * 1000 + round_] * (50 + writer)
+    return {
+        "writer": writer,
+        "round": round_,
+        "body": body,
+        "crc": zlib.crc32(repr((writer, round_, body)).encode()),
+    }
+
+
+def _check_signed(value: dict[str, Any] | None) -> tuple[int, int]:
+    assert value is not None, "a checkpoint written by concurrent writers is missing"
+    writer, round_, body = value["writer"], value["round"], value["body"]
+    assert value == _signed(writer, round_), f"value mixes two writers' saves: {value!r}"
+    assert zlib.crc32(repr((writer, round_, body)).encode()) == value["crc"]
+    return writer, round_
+
+
+class _Point(pydantic.BaseModel):
+    x: int
+    when: datetime
+
+
+class _Shape(pydantic.BaseModel):
+    name: str
+    points: list[_Point]
+    tags: set[str] = set()
+
+
+class CheckpointStorageContract:
+    """The promises every :class:`~statekeep.CheckpointStorage` keeps.
+
+    Subclasses provide a ``make_storage`` fixture returning a no-argument function that
+    opens the storage under test.
+    """
+
+    @pytest.fixture
+    def make_storage(self) -> StorageFactory:
+        """Override: return a function that opens the storage under test."""
+        pytest.fail(f"{type(self).__name__} must define a make_storage fixture")
+
+    @pytest.fixture
+    def storage(self, make_storage: StorageFactory) -> Iterator[CheckpointStorage]:
+        """One storage, closed after the test."""
+        opened = make_storage()
+        try:
+            yield opened
+        finally:
+            _close(opened)
+
+    # -- basics -----------------------------------------------------------------
+
+    def test_satisfies_the_protocol(self, storage: CheckpointStorage) -> None:
+        assert isinstance(storage, CheckpointStorage)
+
+    def test_roundtrip(self, storage: CheckpointStorage) -> None:
+        data = {"row": 7, "name": "run", "nested": {"list": [1, 2.5, None, True, "x"]}}
+        assert storage.save("s1", data) is True
+        loaded = storage.load("s1")
+        assert loaded == data
+        assert type(loaded) is dict
+
+    def test_empty_and_large_values(self, storage: CheckpointStorage) -> None:
+        large = {"rows": list(range(100_000)), "text": "ü" * 200_000}
+        storage.save("empty", {})
+        storage.save("large", large)
+        assert storage.load("empty") == {}
+        assert storage.load("large") == large
+
+    def test_load_of_an_absent_session_is_none(self, storage: CheckpointStorage) -> None:
+        assert storage.load("nobody") is None
+        assert storage.exists("nobody") is False
+
+    def test_save_replaces(self, storage: CheckpointStorage) -> None:
+        storage.save("s1", {"row": 1, "old": True})
+        storage.save("s1", {"row": 2})
+        assert storage.load("s1") == {"row": 2}
+        assert [info.session_id for info in storage.list_checkpoints()] == ["s1"]
+
+    def test_delete(self, storage: CheckpointStorage) -> None:
+        storage.save("s1", {"row": 1})
+        storage.save("s2", {"row": 2})
+        assert storage.delete("s1") is True
+        assert storage.exists("s1") is False
+        assert storage.load("s1") is None
+        assert storage.delete("s1") is False
+        assert storage.load("s2") == {"row": 2}
+        assert [info.session_id for info in storage.list_checkpoints()] == ["s2"]
+
+    def test_exists(self, storage: CheckpointStorage) -> None:
+        assert storage.exists("s1") is False
+        storage.save("s1", {})
+        assert storage.exists("s1") is True
+        assert storage.exists("s2") is False
+
+    # -- listing ------------------------------------------------------------------
+
+    def test_list_of_an_empty_storage(self, storage: CheckpointStorage) -> None:
+        assert storage.list_checkpoints() == []
+
+    def test_list_reports_metadata_size_and_time(self, storage: CheckpointStorage) -> None:
+        before = datetime.now(timezone.utc)
+        storage.save("small", {"x": 1}, metadata={"stage": "load", "n": 3})
+        storage.save("big", {"x": "y" * 1000})
+        after = datetime.now(timezone.utc)
+        infos = {info.session_id: info for info in storage.list_checkpoints()}
+        assert set(infos) == {"small", "big"}
+        assert dict(infos["small"].metadata) == {"stage": "load", "n": 3}
+        assert dict(infos["big"].metadata) == {}
+        assert 0 < infos["small"].size_bytes < infos["big"].size_bytes
+        slack = timedelta(seconds=2)  # filesystem and database clocks may round
+        for info in infos.values():
+            assert info.timestamp.tzinfo is not None, "timestamps must be timezone-aware"
+            assert before - slack <= info.timestamp <= after + slack
+
+    def test_list_is_oldest_first(self, storage: CheckpointStorage) -> None:
+        for name in ("zulu", "yankee", "xray"):
+            storage.save(name, {"name": name})
+        infos = storage.list_checkpoints()
+        stamps = {info.session_id: info.timestamp for info in infos}
+        assert stamps["zulu"] <= stamps["yankee"] <= stamps["xray"]
+        ordered = sorted(infos, key=lambda info: (info.timestamp, info.session_id))
+        assert [i.session_id for i in infos] == [i.session_id for i in ordered]
+
+    def test_replacing_updates_time_and_metadata(self, storage: CheckpointStorage) -> None:
+        storage.save("s1", {"v": 1}, metadata={"v": 1})
+        (first,) = storage.list_checkpoints()
+        storage.save("s1", {"v": 2, "more": "data"}, metadata={"v": 2})
+        (second,) = storage.list_checkpoints()
+        assert second.timestamp >= first.timestamp
+        assert dict(second.metadata) == {"v": 2}
+        assert second.size_bytes > first.size_bytes
+
+    def test_metadata_takes_json_forms(self, storage: CheckpointStorage) -> None:
+        when = datetime(2024, 5, 6, 7, 8, 9, tzinfo=timezone.utc)
+        storage.save("s1", {}, metadata={"when": when, "id": UUID(int=1)})
+        (info,) = storage.list_checkpoints()
+        assert dict(info.metadata) == {
+            "when": "2024-05-06T07:08:09Z",
+            "id": "00000000-0000-0000-0000-000000000001",
+        }
+
+    # -- isolation ------------------------------------------------------------------
+
+    def test_mutating_the_saved_dict_changes_nothing(self, storage: CheckpointStorage) -> None:
+        data: dict[str, Any] = {"rows": [1, 2], "inner": {"k": "v"}}
+        meta: dict[str, Any] = {"tags": ["a"]}
+        storage.save("s1", data, metadata=meta)
+        data["rows"].append(3)
+        data["inner"]["k"] = "changed"
+        data["new"] = 1
+        meta["tags"].append("b")
+        assert storage.load("s1") == {"rows": [1, 2], "inner": {"k": "v"}}
+        assert dict(storage.list_checkpoints()[0].metadata) == {"tags": ["a"]}
+
+    def test_mutating_the_loaded_dict_changes_nothing(self, storage: CheckpointStorage) -> None:
+        storage.save("s1", {"rows": [1, 2], "inner": {"k": "v"}})
+        loaded = storage.load("s1")
+        assert loaded is not None
+        loaded["rows"].append(3)
+        loaded["inner"]["k"] = "changed"
+        loaded.clear()
+        assert storage.load("s1") == {"rows": [1, 2], "inner": {"k": "v"}}
+
+    # -- keys ---------------------------------------------------------------------
+
+    def test_awkward_ids_roundtrip_without_colliding(self, storage: CheckpointStorage) -> None:
+        for index, key in enumerate(AWKWARD_IDS):
+            storage.save(key, {"index": index, "key": key}, metadata={"index": index})
+        for index, key in enumerate(AWKWARD_IDS):
+            assert storage.load(key) == {"index": index, "key": key}, f"session {key!r}"
+            assert storage.exists(key)
+        listed = {info.session_id: info.metadata["index"] for info in storage.list_checkpoints()}
+        assert listed == {key: index for index, key in enumerate(AWKWARD_IDS)}
+
+    def test_awkward_ids_delete_only_themselves(self, storage: CheckpointStorage) -> None:
+        for key in AWKWARD_IDS:
+            storage.save(key, {"key": key})
+        for gone, key in enumerate(AWKWARD_IDS):
+            assert storage.delete(key) is True, f"session {key!r}"
+            remaining = {info.session_id for info in storage.list_checkpoints()}
+            assert remaining == set(AWKWARD_IDS[gone + 1 :])
+
+    def test_ids_differing_only_in_case_are_distinct(self, storage: CheckpointStorage) -> None:
+        for key in ("run", "Run", "RUN", "rUn"):
+            storage.save(key, {"key": key})
+        for key in ("run", "Run", "RUN", "rUn"):
+            assert storage.load(key) == {"key": key}
+
+    @pytest.mark.parametrize("bad", ["", "a\0b", "\0"])
+    def test_empty_and_nul_ids_raise_value_error(
+        self, storage: CheckpointStorage, bad: str
+    ) -> None:
+        with pytest.raises(ValueError, match="session_id"):
+            storage.save(bad, {})
+        for call in (storage.load, storage.exists, storage.delete):
+            with pytest.raises(ValueError, match="session_id"):
+                call(bad)
+        assert storage.list_checkpoints() == []
+
+    @pytest.mark.parametrize("bad", [42, None, b"bytes", 1.5])
+    def test_ids_of_other_types_raise_type_error(
+        self, storage: CheckpointStorage, bad: Any
+    ) -> None:
+        with pytest.raises(TypeError, match="session_id"):
+            storage.save(bad, {})
+        with pytest.raises(TypeError, match="session_id"):
+            storage.load(bad)
+
+    def test_a_uuid_and_its_string_name_one_checkpoint(self, storage: CheckpointStorage) -> None:
+        sid = UUID("12345678-1234-5678-1234-567812345678")
+        storage.save(sid, {"via": "uuid"})
+        assert storage.load(str(sid)) == {"via": "uuid"}
+        assert storage.exists(str(sid))
+        storage.save(str(sid), {"via": "str"})
+        assert storage.load(sid) == {"via": "str"}
+        (info,) = storage.list_checkpoints()
+        assert info.session_id == str(sid)
+        assert type(info.session_id) is str
+        assert storage.delete(str(sid)) is True
+        assert storage.exists(sid) is False
+
+    # -- values ---------------------------------------------------------------------
+
+    def test_rich_types_come_back_as_their_json_forms(self, storage: CheckpointStorage) -> None:
+        when = datetime(2024, 1, 2, 3, 4, 5, 600000, tzinfo=timezone.utc)
+        data = {
+            "aware": when,
+            "naive": datetime(2024, 1, 2, 3, 4, 5),
+            "day": date(2024, 1, 2),
+            "uuid": UUID(int=255),
+            "decimal": Decimal("1.10"),
+            "bytes": b"\x00\xffhi",
+            "tuple": (1, "two"),
+            "int_keys": {1: "one"},
+            "model": _Shape(name="tri", points=[_Point(x=1, when=when)], tags={"t"}),
+        }
+        storage.save("rich", data)
+        assert storage.load("rich") == {
+            "aware": "2024-01-02T03:04:05.600000Z",
+            "naive": "2024-01-02T03:04:05",
+            "day": "2024-01-02",
+            "uuid": "00000000-0000-0000-0000-0000000000ff",
+            "decimal": "1.10",
+            "bytes": "AP9oaQ==",
+            "tuple": [1, "two"],
+            "int_keys": {"1": "one"},
+            "model": {
+                "name": "tri",
+                "points": [{"x": 1, "when": "2024-01-02T03:04:05.600000Z"}],
+                "tags": ["t"],
+            },
+        }
+
+    def test_unicode_and_escapes_survive(self, storage: CheckpointStorage) -> None:
+        data = {"text": 'line\nbreak "quoted" \\ tab\t \u2028 ü 日本 \U0001f389', "ü": "key"}
+        storage.save("s1", data)
+        assert storage.load("s1") == data
+
+    @pytest.mark.parametrize(
+        ("data", "metadata"),
+        [
+            ({"bad": object()}, None),
+            ({"fine": 1}, {"bad": object()}),
+            ({"bad": {1, object()}}, None),
+            ([("not", "a mapping")], None),
+            ("not a mapping", None),
+            ({"fine": 1}, ["not", "a mapping"]),
+        ],
+        ids=["object", "object-in-metadata", "object-in-set", "list", "str", "list-metadata"],
+    )
+    def test_unserialisable_values_raise_type_error_and_store_nothing(
+        self, storage: CheckpointStorage, data: Any, metadata: Any
+    ) -> None:
+        storage.save("s1", {"kept": True}, metadata={"kept": True})
+        with pytest.raises(TypeError, match="s1"):
+            storage.save("s1", data, metadata=metadata)
+        with pytest.raises(TypeError, match="s2"):
+            storage.save("s2", data, metadata=metadata)
+        assert storage.load("s1") == {"kept": True}
+        assert storage.exists("s2") is False
+        assert [dict(info.metadata) for info in storage.list_checkpoints()] == [{"kept": True}]
+
+    def test_a_circular_value_raises_type_error(self, storage: CheckpointStorage) -> None:
+        loop: dict[str, Any] = {}
+        loop["self"] = loop
+        with pytest.raises(TypeError, match="s1"):
+            storage.save("s1", loop)
+        assert storage.exists("s1") is False
+
+    # -- concurrency ------------------------------------------------------------------
+
+    def test_concurrent_writers_of_one_session_leave_one_whole_value(
+        self, storage: CheckpointStorage
+    ) -> None:
+        writers, rounds = 6, 25
+        start = threading.Barrier(writers, timeout=30)
+        errors: list[BaseException] = []
+
+        def write(writer: int) -> None:
+            try:
+                start.wait()
+                for round_ in range(rounds):
+                    storage.save("shared", _signed(writer, round_), metadata={"w": writer})
+                    _check_signed(storage.load("shared"))
+            except BaseException as exc:  # reported below, in the test's thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert not any(thread.is_alive() for thread in threads), "a writer hung"
+        assert errors == []
+        writer, round_ = _check_signed(storage.load("shared"))
+        assert round_ == rounds - 1, "the last value must be some writer's last save"
+        (info,) = storage.list_checkpoints()
+        assert info.session_id == "shared"
+        assert 0 <= writer < writers
+
+    def test_concurrent_writers_of_many_sessions(self, storage: CheckpointStorage) -> None:
+        writers = 6
+        start = threading.Barrier(writers, timeout=30)
+        errors: list[BaseException] = []
+
+        def write(writer: int) -> None:
+            try:
+                start.wait()
+                for round_ in range(10):
+                    storage.save(f"session-{writer}", _signed(writer, round_))
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert errors == []
+        for writer in range(writers):
+            assert _check_signed(storage.load(f"session-{writer}")) == (writer, 9)
+        assert len(storage.list_checkpoints()) == writers
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def test_context_manager_and_idempotent_close(self, make_storage: StorageFactory) -> None:
+        opened: Any = make_storage()
+        if not hasattr(opened, "close") or not hasattr(opened, "__enter__"):
+            pytest.skip(f"{type(opened).__name__} has no close() / context manager")
+        with opened as entered:
+            assert entered is opened
+            entered.save("s1", {"row": 1})
+        opened.close()
+        opened.close()
+
+
+class PersistentCheckpointStorageContract(CheckpointStorageContract):
+    """The contract plus the promises of a storage that outlives the object.
+
+    ``make_storage`` must open the same underlying storage each time it is called.
+    """
+
+    def test_reopening_keeps_everything(self, make_storage: StorageFactory) -> None:
+        sid = UUID(int=7)
+        first = make_storage()
+        try:
+            for key in (*_DEFAULT_IDS, *AWKWARD_IDS[:8]):
+                first.save(key, {"key": key}, metadata={"m": key})
+            first.save(sid, {"uuid": True})
+            first.delete("beta")
+            before = first.list_checkpoints()
+        finally:
+            _close(first)
+        second = make_storage()
+        try:
+            assert second.list_checkpoints() == before
+            assert second.load("alpha") == {"key": "alpha"}
+            assert second.load("beta") is None
+            assert second.load(str(sid)) == {"uuid": True}
+            for key in AWKWARD_IDS[:8]:
+                assert second.load(key) == {"key": key}
+            second.save("alpha", {"key": "again"})
+        finally:
+            _close(second)
+        third = make_storage()
+        try:
+            assert third.load("alpha") == {"key": "again"}
+        finally:
+            _close(third)
+
+    def test_two_open_instances_see_each_other(self, make_storage: StorageFactory) -> None:
+        one, two = make_storage(), make_storage()
+        try:
+            one.save("s1", {"from": "one"})
+            assert two.load("s1") == {"from": "one"}
+            two.save("s1", {"from": "two"})
+            assert one.load("s1") == {"from": "two"}
+            assert two.delete("s1") is True
+            assert one.exists("s1") is False
+        finally:
+            _close(one)
+            _close(two)

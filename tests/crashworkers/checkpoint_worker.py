@@ -1,0 +1,111 @@
+"""Child processes for the checkpoint crash and cross-process tests.
+
+``zygote BACKEND PATH``
+    Reads ``go BASE SEED DURABLE`` lines on stdin. For each it forks a child that saves
+    session ``crash`` in a loop until it is killed, writing ``saved GEN`` on stdout as
+    each ``save`` returns. The zygote writes ``pid PID`` after the fork and
+    ``exit PID STATUS`` once the child is reaped, so every line of a child comes before
+    its ``exit`` line. ``quit`` ends it.
+``writer BACKEND PATH SESSION WRITER COUNT``
+    Saves COUNT values of WRITER to SESSION, then writes ``done WRITER``.
+
+BACKEND is ``file`` or ``sqlite``. Every value is built by :func:`make_value` from its
+generation number and :func:`check_value` tells a whole value from a mix of two.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import traceback
+import zlib
+from typing import Any
+
+SESSION = "crash"
+
+
+def emit(line: str) -> None:
+    """Write one line to stdout in one system call (atomic for short lines on a pipe)."""
+    os.write(1, (line + "\n").encode())
+
+
+def make_value(gen: int, size: int) -> dict[str, Any]:
+    """A value whose every part depends on ``gen`` (sizes vary so kills land mid-write)."""
+    rows = [gen] * size
+    return {
+        "gen": gen,
+        "rows": rows,
+        "text": f"{gen}," * size,
+        "crc": zlib.crc32(b"%d/%d" % (gen, size)),
+    }
+
+
+def check_value(value: dict[str, Any] | None) -> int:
+    """Return the generation of a whole value; raise AssertionError otherwise."""
+    if value is None:
+        raise AssertionError("no checkpoint although a save had returned")
+    gen, size = value["gen"], len(value["rows"])
+    if value != make_value(gen, size):
+        raise AssertionError(f"checkpoint mixes generations: gen {gen}, size {size}")
+    return int(gen)
+
+
+def open_storage(backend: str, path: str, durable: bool = True) -> Any:
+    if backend == "file":
+        from statekeep.storage._file import FileCheckpointStorage
+
+        return FileCheckpointStorage(path, durable=durable)
+    if backend == "sqlite":
+        from statekeep.storage._sqlite import SQLiteCheckpointStorage
+
+        return SQLiteCheckpointStorage(path)
+    raise SystemExit(f"unknown backend {backend!r}")
+
+
+def save_loop(backend: str, path: str, base: int, seed: int, durable: bool) -> None:
+    rng = random.Random(seed)
+    storage = open_storage(backend, path, durable)
+    for i in range(1_000_000):
+        gen = base + i
+        storage.save(SESSION, make_value(gen, rng.randrange(1, 20_000)), metadata={"gen": gen})
+        emit(f"saved {gen}")
+
+
+def zygote(backend: str, path: str) -> None:
+    import statekeep.storage  # noqa: F401  (imported once, before forking)
+
+    for line in sys.stdin:
+        cmd = line.split()
+        if not cmd or cmd[0] == "quit":
+            return
+        base, seed, durable = int(cmd[1]), int(cmd[2]), cmd[3] == "1"
+        pid = os.fork()
+        if pid == 0:  # the child: save until killed
+            code = 0
+            try:
+                save_loop(backend, path, base, seed, durable)
+            except BaseException:
+                traceback.print_exc()
+                code = 3
+            os._exit(code)
+        emit(f"pid {pid}")
+        _, status = os.waitpid(pid, 0)
+        emit(f"exit {pid} {status}")
+
+
+def writer(backend: str, path: str, session: str, who: int, count: int) -> None:
+    with open_storage(backend, path) as storage:
+        for i in range(count):
+            storage.save(session, make_value(who * 1_000_000 + i, 100 + 37 * who))
+    emit(f"done {who}")
+
+
+if __name__ == "__main__":
+    mode, args = sys.argv[1], sys.argv[2:]
+    if mode == "zygote":
+        zygote(args[0], args[1])
+    elif mode == "writer":
+        writer(args[0], args[1], args[2], int(args[3]), int(args[4]))
+    else:
+        sys.exit(f"unknown mode {mode!r}")

@@ -1,0 +1,113 @@
+"""kill -9 during checkpoint save loops: a load afterwards returns a whole, recent value."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import WORKERS, long_campaign
+from crashworkers.checkpoint_worker import SESSION, check_value, open_storage
+from statekeep import _atomic
+
+SHORT_KILLS = 30
+LONG_KILLS = 150
+
+
+def campaign(backend: str, path: Path, kills: int, seed: int, env: dict[str, str]) -> list[int]:
+    """Kill ``kills`` save loops at random moments; check the checkpoint after each.
+
+    Returns how many saves each child had reported before it died.
+    """
+    rng = random.Random(seed)
+    zygote = subprocess.Popen(
+        [sys.executable, str(WORKERS / "checkpoint_worker.py"), "zygote", backend, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    assert zygote.stdin is not None
+    assert zygote.stdout is not None
+    reported: list[int] = []
+    try:
+        for round_ in range(kills):
+            base = (round_ + 1) * 1_000_000
+            durable = backend == "sqlite" or round_ % 2 == 0
+            zygote.stdin.write(f"go {base} {rng.randrange(1 << 30)} {int(durable)}\n")
+            zygote.stdin.flush()
+            kind, pid_text = zygote.stdout.readline().split()
+            assert kind == "pid"
+            pid = int(pid_text)
+            last = -1
+            wanted = rng.randrange(1, 6)
+            while True:
+                line = zygote.stdout.readline().split()
+                assert line, "the zygote died"
+                if line[0] == "saved":
+                    last = int(line[1])
+                    wanted -= 1
+                    if wanted == 0:
+                        # picks the moment of the kill inside the next save(s)
+                        time.sleep(rng.uniform(0, 0.02))
+                        os.kill(pid, signal.SIGKILL)
+                elif line[0] == "exit":
+                    status = int(line[2])
+                    break
+            assert os.WIFSIGNALED(status), f"child {pid} was not killed: status {status}"
+            assert last >= base
+            with open_storage(backend, str(path)) as storage:
+                gen = check_value(storage.load(SESSION))
+                (info,) = storage.list_checkpoints()
+            assert gen >= last, f"round {round_}: loaded gen {gen} is older than returned {last}"
+            assert gen < base + 1_000_000, f"round {round_}: gen {gen} from a later round?"
+            assert info.metadata == {"gen": gen}, "metadata and data come from different saves"
+            if backend == "file":
+                private = path / _atomic.PRIVATE_DIR
+                stale = [p.name for p in private.iterdir() if p.name.endswith(".work")]
+                assert stale == [], f"a killed save's temp file was not reclaimed: {stale}"
+            reported.append(last - base + 1)
+        zygote.stdin.write("quit\n")
+        zygote.stdin.flush()
+    finally:
+        zygote.stdin.close()
+        if zygote.wait(timeout=60) != 0:
+            zygote.kill()
+        zygote.stdout.close()
+    return reported
+
+
+def target(backend: str, tmp_path: Path) -> Path:
+    return tmp_path / "ckpt" if backend == "file" else tmp_path / "ckpt.sqlite"
+
+
+class TestCrashDuringSaves:
+    """Each SIGKILL leaves a whole checkpoint no older than the last save that returned."""
+
+    @pytest.mark.parametrize("backend", ["file", "sqlite"])
+    def test_short_campaign(
+        self, backend: str, tmp_path: Path, worker_env: dict[str, str], crash_report: list[str]
+    ) -> None:
+        reported = campaign(backend, target(backend, tmp_path), SHORT_KILLS, 1234, worker_env)
+        assert len(reported) == SHORT_KILLS
+        crash_report.append(f"checkpoints/{backend}: {SHORT_KILLS} kills, all loads whole")
+
+    @pytest.mark.crash
+    @pytest.mark.parametrize("backend", ["file", "sqlite"])
+    def test_long_campaign(
+        self, backend: str, tmp_path: Path, worker_env: dict[str, str], crash_report: list[str]
+    ) -> None:
+        kills = LONG_KILLS if long_campaign() else SHORT_KILLS
+        seed = random.SystemRandom().randrange(1 << 30)
+        reported = campaign(backend, target(backend, tmp_path), kills, seed, worker_env)
+        assert len(reported) == kills
+        crash_report.append(
+            f"checkpoints/{backend}: {kills} kills (seed {seed}), "
+            f"{sum(reported)} saves returned, all loads whole"
+        )
