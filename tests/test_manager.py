@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import subprocess
+import sys
 from collections.abc import Mapping
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -476,3 +479,18 @@ class TestUserBackend:
         assert not isinstance(NoList(), CheckpointStorage)
         with pytest.raises(TypeError, match="NoList"):
             StateManager(NoList())  # type: ignore[call-overload]
+
+
+class TestResumableExample:
+    """The example pipeline survives a real SIGKILL: no row skipped, at most an interval redone."""
+
+    def test_example_pipeline(self) -> None:
+        script = Path(__file__).parents[1] / "examples" / "resumable_pipeline.py"
+        args = ["--rows", "2000", "--interval", "100", "--kill-after", "730"]
+        done = subprocess.run(
+            [sys.executable, str(script), *args], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "killed the pipeline with SIGKILL" in done.stdout
+        assert "rows skipped: 0" in done.stdout
+        assert "OK: no row skipped" in done.stdout
