@@ -1,0 +1,250 @@
+"""Snapshot cases: StateStore save/load against inline minimal commits and raw I/O."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import zlib
+from pathlib import Path
+
+from _harness import Case, timed
+
+import statekeep
+from statekeep._manifest import MANIFEST_NAME
+
+SMALL = [("model", os.urandom(1024)), ("optimizer", os.urandom(1024)), ("buffer", os.urandom(1024))]
+
+
+class Blob(statekeep.PersistentStateMixin):
+    """A component holding bytes; saves and loads them as one file (as a user would)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def save_state(self, path: Path) -> None:
+        with open(path, "wb", buffering=0) as f:
+            f.write(self.data)
+
+    def load_state(self, path: Path) -> None:
+        with open(path, "rb", buffering=0) as f:
+            self.data = f.read()
+
+
+def fsync_dir(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file(path: str, data: bytes, *, sync: bool) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.write(fd, data)
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def minimal_commit(root: Path, name: str, blobs: list[tuple[str, bytes]], *, sync: bool) -> None:
+    """The least code that commits a verified snapshot crash-safely.
+
+    Temp dir, each file written from memory with its CRC-32 computed from memory, a
+    manifest, every file fsynced, the dir fsynced, one rename, the parent fsynced.
+    """
+    tmp = root / f".tmp-{name}"
+    os.mkdir(tmp)
+    files = []
+    for cname, data in blobs:
+        write_file(f"{tmp}/{cname}", data, sync=sync)
+        files.append({"path": cname, "size": len(data), "crc32": zlib.crc32(data)})
+    write_file(f"{tmp}/{MANIFEST_NAME}", json.dumps({"files": files}).encode(), sync=sync)
+    if sync:
+        fsync_dir(tmp)
+    os.rename(tmp, root / name)
+    if sync:
+        fsync_dir(root)
+
+
+def in_place(root: Path, name: str, blobs: list[tuple[str, bytes]]) -> None:
+    """What pamiq-core's StateStore does: mkdir, then each component writes its file."""
+    state = root / name
+    state.mkdir()
+    for cname, data in blobs:
+        with open(state / cname, "wb", buffering=0) as f:
+            f.write(data)
+
+
+def read_raw(directory: Path, names: list[str]) -> None:
+    for cname in names:
+        with open(directory / cname, "rb", buffering=0) as f:
+            f.read()
+
+
+def clear_dir(path: Path) -> None:
+    for entry in os.scandir(path):
+        if entry.name != ".statekeep":
+            shutil.rmtree(entry.path) if entry.is_dir() else os.unlink(entry.path)
+
+
+def evict(path: Path) -> None:
+    """Drop ``path``'s pages (or every file's below it) from the page cache."""
+    paths = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _names() -> str:
+    return f"{time.time_ns()}.state"
+
+
+def small_cases(tmp: Path, repeat: int) -> list[Case]:
+    """3 × 1 KB components: save (durable and not), load with verification."""
+    cases: list[Case] = []
+    for durable in (True, False):
+        tag = "durable" if durable else "no fsync"
+        sk_root = tmp / f"sk-{tag}"
+        store = statekeep.StateStore(sk_root, durable=durable)
+        for cname, data in SMALL:
+            store.register(cname, Blob(data))
+        base_root = tmp / f"min-{tag}"
+        base_root.mkdir()
+
+        def sk_save(store: statekeep.StateStore = store, root: Path = sk_root) -> float:
+            t = timed(store.save_state, repeat)
+            clear_dir(root)
+            return t
+
+        def min_save(root: Path = base_root, sync: bool = durable) -> float:
+            t = timed(lambda: minimal_commit(root, _names(), SMALL, sync=sync), repeat)
+            clear_dir(root)
+            return t
+
+        base_key = f"min_save_{'durable' if durable else 'nosync'}"
+        cases.append(Case(base_key, f"minimal crash-safe commit ({tag})", min_save))
+        cases.append(
+            Case(
+                f"sk_save_{'durable' if durable else 'nosync'}",
+                f"StateStore.save_state 3×1 KB ({tag})",
+                sk_save,
+                baseline=base_key,
+            )
+        )
+
+    pamiq_root = tmp / "inplace"
+    pamiq_root.mkdir()
+
+    def inplace_save() -> float:
+        t = timed(lambda: in_place(pamiq_root, _names(), SMALL), repeat)
+        clear_dir(pamiq_root)
+        return t
+
+    cases.append(
+        Case("inplace_save", "in-place writes, mkdir + 3 files (pamiq-core style)", inplace_save)
+    )
+
+    load_root = tmp / "load"
+    load_store = statekeep.StateStore(load_root, durable=False)
+    for cname, data in SMALL:
+        load_store.register(cname, Blob(data))
+    saved = load_store.save_state()
+    names = [c for c, _ in SMALL]
+    cases.append(
+        Case(
+            "raw_read_small",
+            "raw read of the 3 files",
+            lambda: timed(lambda: read_raw(saved, names), repeat),
+        )
+    )
+    cases.append(
+        Case(
+            "sk_load_small",
+            "StateStore.load_state 3×1 KB (verify=True)",
+            lambda: timed(lambda: load_store.load_state(saved), repeat),
+            baseline="raw_read_small",
+        )
+    )
+    cases.append(
+        Case(
+            "sk_load_small_noverify",
+            "StateStore.load_state 3×1 KB (verify=False)",
+            lambda: timed(lambda: load_store.load_state(saved, verify=False), repeat),
+            baseline="raw_read_small",
+        )
+    )
+    return cases
+
+
+def large_cases(tmp: Path, sizes: list[int]) -> list[Case]:
+    """One big component: durable save vs raw write+fsync; cold load+verify vs raw read."""
+    cases: list[Case] = []
+    for size in sizes:
+        mb = size >> 20
+        data = os.urandom(1 << 20) * mb  # realistic enough; crc32 cost is content-blind
+        root = tmp / f"large-{mb}"
+        store = statekeep.StateStore(root, durable=True)
+        store.register("weights", Blob(data))
+        raw_path = tmp / f"raw-{mb}.bin"
+
+        def sk_save(store: statekeep.StateStore = store, root: Path = root) -> float:
+            t = timed(store.save_state, 1)
+            clear_dir(root)
+            return t
+
+        def raw_write(path: Path = raw_path, data: bytes = data) -> float:
+            t = timed(lambda: write_file(str(path), data, sync=True), 1)
+            path.unlink()
+            return t
+
+        cases.append(Case(f"raw_write_{mb}", f"raw write+fsync {mb} MB", raw_write, nbytes=size))
+        cases.append(
+            Case(
+                f"sk_save_{mb}",
+                f"StateStore.save_state {mb} MB (durable)",
+                sk_save,
+                baseline=f"raw_write_{mb}",
+                nbytes=size,
+            )
+        )
+
+        load_root = tmp / f"large-load-{mb}"
+        loader = statekeep.StateStore(load_root, durable=True)
+        blob = Blob(data)
+        loader.register("weights", blob)
+        saved = loader.save_state()
+        raw_copy = tmp / f"raw-read-{mb}.bin"
+        write_file(str(raw_copy), data, sync=True)
+
+        def sk_load(
+            loader: statekeep.StateStore = loader, saved: Path = saved, blob: Blob = blob
+        ) -> float:
+            evict(saved)
+            t = timed(lambda: loader.load_state(saved), 1)
+            blob.data = b""
+            return t
+
+        def raw_read(path: Path = raw_copy) -> float:
+            evict(path)
+            return timed(lambda: read_raw(path.parent, [path.name]), 1)
+
+        cases.append(
+            Case(f"raw_read_{mb}", f"raw read {mb} MB (cold cache)", raw_read, nbytes=size)
+        )
+        cases.append(
+            Case(
+                f"sk_load_{mb}",
+                f"StateStore.load_state {mb} MB + verify (cold)",
+                sk_load,
+                baseline=f"raw_read_{mb}",
+                nbytes=size,
+            )
+        )
+    return cases

@@ -1,0 +1,149 @@
+"""The speed goals of issue 5, each checked as a ratio of two medians of the same run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from _harness import Result, table
+
+
+@dataclass(frozen=True)
+class Goal:
+    """``num`` against ``den``: a time ratio (num/den <= limit, or < limit when ``strict``),
+    or with ``throughput`` a throughput ratio (den/num >= limit)."""
+
+    text: str
+    num: str
+    den: str
+    limit: float
+    throughput: bool = False
+    strict: bool = False
+    fallback_den: str | None = None  # used (and said) when ``den`` was skipped
+
+
+def goals(large_mb: list[int], counts: list[int]) -> list[Goal]:
+    small, big = counts[0], counts[-1]
+    growth = big / small * 1.2  # issue 5: 10,000 states within 12× the time of 1,000
+    found = [
+        Goal(
+            "durable 3×1 KB save vs minimal crash-safe commit",
+            "sk_save_durable",
+            "min_save_durable",
+            1.3,
+        ),
+        Goal(
+            "non-durable save vs the same commit without fsync",
+            "sk_save_nosync",
+            "min_save_nosync",
+            1.3,
+        ),
+        Goal(
+            "non-durable save vs pamiq-core StateStore.save_state",
+            "sk_save_nosync",
+            "pamiq_save",
+            1.5,
+        ),
+        Goal(
+            "non-durable save vs in-place writes (issue 2)", "sk_save_nosync", "inplace_save", 1.5
+        ),
+        Goal(
+            "load_state(verify) 3×1 KB vs raw read of the files",
+            "sk_load_small",
+            "raw_read_small",
+            1.5,
+        ),
+        Goal(
+            "durable FileCheckpointStorage.save 1 KB vs minimal durable atomic replace",
+            "file_save_1 KB_durable",
+            "replace_1 KB_durable",
+            1.3,
+        ),
+        Goal(
+            "non-durable FileCheckpointStorage.save 1 KB faster than ondine",
+            "file_save_1 KB_nosync",
+            "ondine_save_1 KB",
+            1.0,
+            strict=True,
+            fallback_den="ondine_style_1 KB",
+        ),
+        Goal(
+            "MemoryCheckpointStorage save+load 1 KB vs deepcopy round trip (issue 3)",
+            "memory_1 KB",
+            "deepcopy_1 KB",
+            2.0,
+        ),
+        Goal(
+            "StateManager.should_checkpoint vs a bare function call",
+            "should_checkpoint",
+            "bare_call",
+            2.0,
+        ),
+    ]
+    for mb in large_mb:
+        found.append(
+            Goal(
+                f"{mb} MB durable save throughput vs raw write+fsync",
+                f"sk_save_{mb}",
+                f"raw_write_{mb}",
+                0.8,
+                throughput=True,
+            )
+        )
+        found.append(
+            Goal(
+                f"{mb} MB load+verify throughput vs raw read (cold)",
+                f"sk_load_{mb}",
+                f"raw_read_{mb}",
+                0.8,
+                throughput=True,
+            )
+        )
+    for op in ("list", "latest", "cleanup"):
+        found.append(
+            Goal(
+                f"{op} over {big:,} states vs {small:,} (growth)",
+                f"{op}_{big}",
+                f"{op}_{small}",
+                growth,
+            )
+        )
+    return found
+
+
+def evaluate(found: list[Goal], results: dict[str, Result], memory: dict | None) -> bool:
+    """Print every goal as PASS, MISS or SKIP with its ratio; True if none missed."""
+    rows = []
+    all_ok = True
+    for g in found:
+        den, note = g.den, ""
+        if den not in results and g.fallback_den in results:
+            den, note = g.fallback_den, f" (peer skipped: vs {results[g.fallback_den].label})"
+        if g.num not in results or den not in results:
+            missing = g.num if g.num not in results else den
+            rows.append([g.text, "", "", f"SKIP ({missing} not measured)"])
+            continue
+        a, b = results[g.num].median, results[den].median
+        ratio = b / a if g.throughput else a / b
+        ok = (
+            ratio >= g.limit
+            if g.throughput
+            else (ratio < g.limit if g.strict else ratio <= g.limit)
+        )
+        bound = ("≥ " if g.throughput else "< " if g.strict else "≤ ") + f"{g.limit:g}×"
+        rows.append([g.text + note, f"{ratio:.2f}×", bound, "PASS" if ok else "MISS"])
+        all_ok &= ok
+    if memory is not None:
+        m = memory["statekeep"]
+        ratio = (m["peak"] - m["baseline"]) * 1024 / m["size"]
+        ok = ratio <= 1.1
+        rows.append(
+            [
+                f"peak RSS growth of the {m['size'] >> 20} MB save vs the state's size",
+                f"{ratio:.2f}×",
+                "≤ 1.1×",
+                "PASS" if ok else "MISS",
+            ]
+        )
+        all_ok &= ok
+    print(table(rows, ["goal", "ratio", "bound", "verdict"]))
+    return all_ok
