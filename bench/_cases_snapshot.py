@@ -107,7 +107,7 @@ def _names() -> str:
 
 
 def small_cases(tmp: Path, repeat: int) -> list[Case]:
-    """3 × 1 KB components: save (durable and not), load with verification."""
+    """3 x 1 KB components: save (durable and not), load with verification."""
     cases: list[Case] = []
     for durable in (True, False):
         tag = "durable" if durable else "no fsync"
@@ -133,7 +133,7 @@ def small_cases(tmp: Path, repeat: int) -> list[Case]:
         cases.append(
             Case(
                 f"sk_save_{'durable' if durable else 'nosync'}",
-                f"StateStore.save_state 3×1 KB ({tag})",
+                f"StateStore.save_state 3x1 KB ({tag})",
                 sk_save,
                 baseline=base_key,
             )
@@ -167,7 +167,7 @@ def small_cases(tmp: Path, repeat: int) -> list[Case]:
     cases.append(
         Case(
             "sk_load_small",
-            "StateStore.load_state 3×1 KB (verify=True)",
+            "StateStore.load_state 3x1 KB (verify=True)",
             lambda: timed(lambda: load_store.load_state(saved), repeat),
             baseline="raw_read_small",
         )
@@ -175,7 +175,7 @@ def small_cases(tmp: Path, repeat: int) -> list[Case]:
     cases.append(
         Case(
             "sk_load_small_noverify",
-            "StateStore.load_state 3×1 KB (verify=False)",
+            "StateStore.load_state 3x1 KB (verify=False)",
             lambda: timed(lambda: load_store.load_state(saved, verify=False), repeat),
             baseline="raw_read_small",
         )

@@ -23,10 +23,10 @@ class Goal:
 
 def goals(large_mb: list[int], counts: list[int]) -> list[Goal]:
     small, big = counts[0], counts[-1]
-    growth = big / small * 1.2  # issue 5: 10,000 states within 12× the time of 1,000
+    growth = big / small * 1.2  # issue 5: 10,000 states within 12x the time of 1,000
     found = [
         Goal(
-            "durable 3×1 KB save vs minimal crash-safe commit",
+            "durable 3x1 KB save vs minimal crash-safe commit",
             "sk_save_durable",
             "min_save_durable",
             1.3,
@@ -47,7 +47,7 @@ def goals(large_mb: list[int], counts: list[int]) -> list[Goal]:
             "non-durable save vs in-place writes (issue 2)", "sk_save_nosync", "inplace_save", 1.5
         ),
         Goal(
-            "load_state(verify) 3×1 KB vs raw read of the files",
+            "load_state(verify) 3x1 KB vs raw read of the files",
             "sk_load_small",
             "raw_read_small",
             1.5,
@@ -129,8 +129,8 @@ def evaluate(found: list[Goal], results: dict[str, Result], memory: dict | None)
             if g.throughput
             else (ratio < g.limit if g.strict else ratio <= g.limit)
         )
-        bound = ("≥ " if g.throughput else "< " if g.strict else "≤ ") + f"{g.limit:g}×"
-        rows.append([g.text + note, f"{ratio:.2f}×", bound, "PASS" if ok else "MISS"])
+        bound = ("≥ " if g.throughput else "< " if g.strict else "≤ ") + f"{g.limit:g}x"
+        rows.append([g.text + note, f"{ratio:.2f}x", bound, "PASS" if ok else "MISS"])
         all_ok &= ok
     if memory is not None:
         m = memory["statekeep"]
@@ -139,8 +139,8 @@ def evaluate(found: list[Goal], results: dict[str, Result], memory: dict | None)
         rows.append(
             [
                 f"peak RSS growth of the {m['size'] >> 20} MB save vs the state's size",
-                f"{ratio:.2f}×",
-                "≤ 1.1×",
+                f"{ratio:.2f}x",
+                "≤ 1.1x",
                 "PASS" if ok else "MISS",
             ]
         )

@@ -118,7 +118,7 @@ def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
 
     def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
 
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(header), sep, *(line(r) for r in rows)])
@@ -132,7 +132,7 @@ def suite_table(suite: Suite, results: dict[str, Result]) -> str:
         ratio = ""
         if case.baseline is not None and case.baseline in results:
             base = results[case.baseline]
-            ratio = f"{res.median / base.median:.2f}× {base.label}"
+            ratio = f"{res.median / base.median:.2f}x {base.label}"
         rows.append([res.label, fmt_time(res.median), fmt_rate(res), f"±{res.spread:.0%}", ratio])
     header = ["operation", "median", "rate", "IQR", "time ratio vs baseline (same run)"]
     return table(rows, header)

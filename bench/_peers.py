@@ -82,13 +82,14 @@ class PamiqWorker:
             stdout=subprocess.PIPE,
             text=True,
         )
-        assert self.proc.stdout is not None and self.proc.stdin is not None
+        assert self.proc.stdout is not None
         if self.proc.stdout.readline().strip() != "ready":
             self.close()
             raise RuntimeError("pamiq-core worker failed to start")
 
     def sample(self, key: str) -> float:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
         self.proc.stdin.write(key + "\n")
         self.proc.stdin.flush()
         return float(self.proc.stdout.readline())

@@ -60,7 +60,7 @@ def rss(tmp: Path, size_mb: int) -> dict[str, dict[str, int]]:
 
 def build_suites(tmp: Path, quick: bool, pamiq: tuple[str | None, str]) -> list[Suite]:
     small_rounds, repeat = (5, 5) if quick else (41, 10)
-    small = Suite("Snapshots, 3 × 1 KB components", small_cases(tmp, repeat), small_rounds)
+    small = Suite("Snapshots, 3 x 1 KB components", small_cases(tmp, repeat), small_rounds)
     python, why = pamiq
     worker = None
     if python is not None:
@@ -73,13 +73,13 @@ def build_suites(tmp: Path, quick: bool, pamiq: tuple[str | None, str]) -> list[
     else:
         small.cases.append(
             worker.case(
-                "pamiq_save", "pamiq-core StateStore.save_state 3×1 KB", baseline="inplace_save"
+                "pamiq_save", "pamiq-core StateStore.save_state 3x1 KB", baseline="inplace_save"
             )
         )
         small.cases.append(
             worker.case(
                 "pamiq_load",
-                "pamiq-core StateStore.load_state 3×1 KB",
+                "pamiq-core StateStore.load_state 3x1 KB",
                 baseline="raw_read_small",
                 close=worker.close,
             )
@@ -138,7 +138,7 @@ def main() -> int:
             growth = (m["peak"] - m["baseline"]) * 1024
             print(
                 f"- {mode}: state {m['size'] >> 20} MB; peak grew {growth / 2**20:.0f} MiB"
-                f" above the baseline = {growth / m['size']:.2f}× the state's size"
+                f" above the baseline = {growth / m['size']:.2f}x the state's size"
                 f" (holding the buffer alone: {(m['holding'] - m['baseline']) / 1024:.0f} MiB)"
             )
     print("\n## Goals (issue 5), ratios from this run\n")
