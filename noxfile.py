@@ -58,9 +58,9 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typing(session: nox.Session) -> None:
-    """mypy --strict on the package."""
+    """mypy --strict on the package and on the usage examples in tests/typing."""
     session.install("-e", ".", *group("typing"))
-    session.run("mypy", "--strict", "src")
+    session.run("mypy", "--strict", "src", "tests/typing")
 
 
 @nox.session

@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 try:
-    import fcntl
+    import fcntl as fcntl  # explicit re-export: _manifest locks the sequence file with it
 except ImportError:  # pragma: no cover - Windows has no flock; sweeping falls back to age
     fcntl = None  # type: ignore[assignment]
 
