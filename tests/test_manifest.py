@@ -1,0 +1,299 @@
+"""Committing a directory with a manifest, and verifying it against every kind of damage."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import zlib
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from statekeep import CorruptStateError, StateExistsError, _atomic, _manifest
+
+FILES = {
+    "model.pt": b"weights" * 100,
+    "model.optim.pt": b"moments" * 10,
+    "buffer/part0": b"\x00\x01\x02" * 50,
+    "buffer/nested/part1": b"",
+    "step": b"42",
+}
+
+
+def commit(states_dir: Path, files: dict[str, bytes], name: str = "a.state", **kw: bool) -> Path:
+    with _manifest.BuildDir(states_dir, durable=kw.get("durable", True)) as build:
+        for rel, data in files.items():
+            path = build.path / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        build.commit(states_dir / name)
+    return states_dir / name
+
+
+@pytest.fixture
+def state(states_dir: Path) -> Path:
+    return commit(states_dir, FILES)
+
+
+def rewrite_manifest(state: Path, change: dict[str, object], *, fix_checksum: bool) -> None:
+    manifest = state / _manifest.MANIFEST_NAME
+    body = json.loads(manifest.read_bytes())
+    body.pop("checksum")
+    body.update(change)
+    body["checksum"] = zlib.crc32(_manifest._canonical(body)) if fix_checksum else 1
+    manifest.write_text(json.dumps(body))
+
+
+class TestBuildDir:
+    """A build is private until commit renames it into place, manifest and all."""
+
+    @pytest.mark.parametrize("durable", [True, False])
+    def test_commit(self, states_dir: Path, durable: bool) -> None:
+        with _manifest.BuildDir(states_dir, durable=durable) as build:
+            (build.path / "a").write_bytes(b"abc")
+            (build.path / "d").mkdir()
+            assert os.listdir(states_dir) == [_atomic.PRIVATE_DIR]
+            manifest = build.commit(states_dir / "x.state")
+        final = states_dir / "x.state"
+        assert sorted(os.listdir(final)) == [_manifest.MANIFEST_NAME, "a", "d"]
+        assert not build.path.exists()
+        assert os.listdir(states_dir / _atomic.PRIVATE_DIR) == ["sequence"]
+        assert manifest.entries == (
+            _manifest.Entry("a", is_dir=False, size=3, crc32=zlib.crc32(b"abc")),
+            _manifest.Entry("d", is_dir=True),
+        )
+        assert _manifest.verify(final) == manifest
+
+    def test_leaving_without_commit_removes_the_build(self, states_dir: Path) -> None:
+        seen: list[Path] = []
+
+        def failing_save() -> None:
+            with _manifest.BuildDir(states_dir, durable=True) as build:
+                seen.append(build.path)
+                (build.path / "half").write_bytes(b"x")
+                raise RuntimeError("component failed")
+
+        with pytest.raises(RuntimeError, match="component failed"):
+            failing_save()
+        assert seen
+        assert not seen[0].exists()
+        assert sorted(os.listdir(states_dir)) == [_atomic.PRIVATE_DIR]
+
+    def test_commit_to_an_existing_name(self, states_dir: Path, state: Path) -> None:
+        before = {p: p.read_bytes() for p in state.rglob("*") if p.is_file()}
+        with _manifest.BuildDir(states_dir, durable=True) as build:
+            (build.path / "other").write_bytes(b"new")
+            with pytest.raises(StateExistsError) as info:
+                build.commit(state)
+        assert info.value.filename == str(state)
+        assert {p: p.read_bytes() for p in state.rglob("*") if p.is_file()} == before
+        _manifest.verify(state)
+        assert not build.path.exists()
+
+    def test_symlink_is_refused(self, states_dir: Path, tmp_path: Path) -> None:
+        (tmp_path / "target").write_bytes(b"x")
+        with _manifest.BuildDir(states_dir, durable=True) as build:
+            (build.path / "link").symlink_to(tmp_path / "target")
+            with pytest.raises(ValueError, match="link is neither a regular file nor a directory"):
+                build.commit(states_dir / "x.state")
+        assert not (states_dir / "x.state").exists()
+
+    def test_large_file(self, states_dir: Path) -> None:
+        big = os.urandom(1 << 16) * 80  # 5 MB: fsync runs beside the checksum pass
+        state = commit(states_dir, {"big": big})
+        [entry] = _manifest.verify(state).entries
+        assert (entry.size, entry.crc32) == (len(big), zlib.crc32(big))
+
+
+class TestSequence:
+    """The store's counter never hands out a number twice."""
+
+    def test_increases_across_commits(self, states_dir: Path) -> None:
+        seqs = [
+            _manifest.read_manifest(commit(states_dir, {}, f"{i}.s")).sequence for i in range(3)
+        ]
+        assert seqs == sorted(seqs)
+        assert len(set(seqs)) == 3
+
+    def test_threads_get_distinct_numbers(self, states_dir: Path) -> None:
+        private = _atomic.ensure_private(states_dir, durable=False)
+        got: list[int] = []
+        lock = threading.Lock()
+
+        def take() -> None:
+            for _ in range(25):
+                value = _manifest.next_sequence(private)
+                with lock:
+                    got.append(value)
+
+        threads = [threading.Thread(target=take) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert sorted(got) == list(range(1, 151))
+
+
+class TestManifest:
+    """The manifest records format, version, time, sequence and every file."""
+
+    def test_content(self, state: Path) -> None:
+        body = json.loads((state / _manifest.MANIFEST_NAME).read_bytes())
+        assert body["format"] == _manifest.FORMAT
+        assert body["version"] == _manifest.FORMAT_VERSION
+        files = {f["path"]: f for f in body["files"]}
+        assert set(files) == set(FILES) | {"buffer", "buffer/nested"}
+        for rel, data in FILES.items():
+            assert files[rel] == {
+                "path": rel,
+                "type": "file",
+                "size": len(data),
+                "crc32": zlib.crc32(data),
+            }
+        assert files["buffer"]["type"] == "dir"
+
+    def test_read_back(self, state: Path) -> None:
+        manifest = _manifest.read_manifest(state)
+        assert manifest.version == _manifest.FORMAT_VERSION
+        assert manifest.size_bytes == sum(len(d) for d in FILES.values())
+        assert manifest.created_at.tzinfo is not None
+        assert abs(datetime.now(timezone.utc) - manifest.created_at) < timedelta(minutes=5)
+
+
+def flip_bit(state: Path) -> str:
+    path = state / "model.pt"
+    data = bytearray(path.read_bytes())
+    data[17] ^= 0x04
+    path.write_bytes(bytes(data))
+    return "model.pt has CRC-32"
+
+
+def truncate(state: Path) -> str:
+    os.truncate(state / "buffer" / "part0", 10)
+    return "buffer/part0 is 10 bytes, manifest says 150"
+
+
+def remove_file(state: Path) -> str:
+    (state / "model.optim.pt").unlink()
+    return "model.optim.pt is missing"
+
+
+def extra_file(state: Path) -> str:
+    (state / "buffer" / "stray").write_bytes(b"?")
+    return "unexpected buffer/stray"
+
+
+def extra_dir(state: Path) -> str:
+    (state / "newdir").mkdir()
+    return "unexpected newdir"
+
+
+def file_became_dir(state: Path) -> str:
+    (state / "step").unlink()
+    (state / "step").mkdir()
+    return "step should be a regular file"
+
+
+def dir_became_file(state: Path) -> str:
+    (state / "buffer" / "nested" / "part1").unlink()
+    (state / "buffer" / "nested").rmdir()
+    (state / "buffer" / "nested").write_bytes(b"")
+    return "buffer/nested should be a directory"
+
+
+def not_json(state: Path) -> str:
+    (state / _manifest.MANIFEST_NAME).write_bytes(b'{"format": "statekeep.state", "ver')
+    return "is malformed"
+
+
+def json_list(state: Path) -> str:
+    (state / _manifest.MANIFEST_NAME).write_bytes(b"[1, 2]")
+    return "is malformed"
+
+
+def wrong_format(state: Path) -> str:
+    rewrite_manifest(state, {"format": "something.else"}, fix_checksum=True)
+    return "is malformed: not a statekeep.state manifest"
+
+
+def missing_key(state: Path) -> str:
+    manifest = state / _manifest.MANIFEST_NAME
+    body = json.loads(manifest.read_bytes())
+    del body["files"]
+    manifest.write_text(json.dumps(body))
+    return "is malformed"
+
+
+def manifest_edited(state: Path) -> str:
+    rewrite_manifest(state, {"sequence": 99}, fix_checksum=False)
+    return "checksum does not match"
+
+
+def future_version(state: Path) -> str:
+    rewrite_manifest(state, {"version": _manifest.FORMAT_VERSION + 1}, fix_checksum=True)
+    return f"format version {_manifest.FORMAT_VERSION + 1}"
+
+
+def manifest_missing(state: Path) -> str:
+    (state / _manifest.MANIFEST_NAME).unlink()
+    return "has no manifest"
+
+
+def manifest_is_dir(state: Path) -> str:
+    (state / _manifest.MANIFEST_NAME).unlink()
+    (state / _manifest.MANIFEST_NAME).mkdir()
+    return "is a directory"
+
+
+DAMAGE = [
+    flip_bit,
+    truncate,
+    remove_file,
+    extra_file,
+    extra_dir,
+    file_became_dir,
+    dir_became_file,
+    not_json,
+    json_list,
+    wrong_format,
+    missing_key,
+    manifest_edited,
+    future_version,
+    manifest_missing,
+    manifest_is_dir,
+]
+MANIFEST_DAMAGE = {
+    not_json,
+    json_list,
+    wrong_format,
+    missing_key,
+    manifest_edited,
+    future_version,
+    manifest_missing,
+    manifest_is_dir,
+}
+
+
+class TestVerify:
+    """Every kind of damage raises CorruptStateError naming the state and the file."""
+
+    def test_intact(self, state: Path) -> None:
+        assert _manifest.verify(state) == _manifest.read_manifest(state)
+
+    @pytest.mark.parametrize("damage", DAMAGE, ids=lambda f: f.__name__)
+    def test_damage(self, state: Path, damage: object) -> None:
+        assert callable(damage)
+        expected = damage(state)
+        with pytest.raises(CorruptStateError) as info:
+            _manifest.verify(state)
+        message = str(info.value)
+        assert expected in message
+        assert str(state) in message
+        if damage in MANIFEST_DAMAGE:
+            assert _manifest.MANIFEST_NAME in message
+
+    def test_missing_directory(self, states_dir: Path) -> None:
+        with pytest.raises(FileNotFoundError, match="nope"):
+            _manifest.verify(states_dir / "nope")
