@@ -462,6 +462,18 @@ class TestUserBackend:
         assert manager.save_checkpoint(ctx)
         assert manager.load_checkpoint(str(ctx.session_id)) == ctx
 
+    def test_backend_without_metadata_argument(self, caplog: pytest.LogCaptureFixture) -> None:
+        class OndineStyle(DictStorage):
+            def save(self, session_id: str | UUID, data: Mapping[str, Any]) -> bool:  # type: ignore[override]
+                return super().save(session_id, data)
+
+        with caplog.at_level(logging.WARNING, logger="statekeep"):
+            manager = StateManager(OndineStyle(), 2)  # type: ignore[call-overload]
+        assert "OndineStyle.save takes no metadata" in caplog.text
+        ctx = ExecutionContext(last_processed_row=2)
+        assert manager.save_checkpoint(ctx)
+        assert manager.load_checkpoint(ctx.session_id) == ctx
+
     def test_incomplete_backend_rejected(self) -> None:
         class NoList:
             def save(self, session_id: Any, data: Any, *, metadata: Any = None) -> bool:

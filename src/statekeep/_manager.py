@@ -6,6 +6,7 @@ storage calls; the storage (any :class:`~statekeep.CheckpointStorage`) moves the
 
 from __future__ import annotations
 
+import inspect
 import logging
 import operator
 import time
@@ -97,6 +98,18 @@ def _check_context_type(context_type: object) -> None:
         )
 
 
+def _takes_metadata(save: Callable[..., Any]) -> bool:
+    """Whether ``save`` accepts ``metadata=`` (ondine-era backends do not)."""
+    try:
+        params = inspect.signature(save).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(
+        p.kind is p.VAR_KEYWORD or (p.name == "metadata" and p.kind is not p.POSITIONAL_ONLY)
+        for p in params
+    )
+
+
 def _describe(exc: pydantic.ValidationError) -> str:
     parts = [
         f"field {'.'.join(str(p) for p in err['loc']) or '<root>'!r}: {err['msg']}"
@@ -168,6 +181,12 @@ class StateManager(Generic[ContextT]):
         if not callable(clock):
             raise TypeError(f"clock must be callable, not {type(clock).__name__}")
         self._storage = storage
+        self._with_metadata = _takes_metadata(storage.save)
+        if not self._with_metadata:
+            logger.warning(
+                "%s.save takes no metadata argument; checkpoints are saved without it",
+                type(storage).__name__,
+            )
         self._context_type: type[ContextT] = context_type
         self._native = issubclass(context_type, ExecutionContext)
         self._clock = clock
@@ -224,11 +243,15 @@ class StateManager(Generic[ContextT]):
                 payload = context.to_checkpoint()
             else:
                 payload = context.model_dump(mode="json")
-            metadata = {
-                "last_processed_row": row,
-                "total_rows": getattr(context, "total_rows", None),
-            }
-            if not self._storage.save(session_id, payload, metadata=metadata):
+            if self._with_metadata:
+                metadata = {
+                    "last_processed_row": row,
+                    "total_rows": getattr(context, "total_rows", None),
+                }
+                saved = self._storage.save(session_id, payload, metadata=metadata)
+            else:
+                saved = self._storage.save(session_id, payload)
+            if not saved:
                 raise StorageError(f"{type(self._storage).__name__}.save returned False")
         except Exception as exc:
             logger.error(
