@@ -1,0 +1,334 @@
+"""FileCheckpointStorage: the conformance suite, the file format, names, corruption, processes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import WORKERS
+from crashworkers.checkpoint_worker import check_value
+from statekeep import CorruptCheckpointError, FileCheckpointStorage, StorageError
+from statekeep._atomic import PRIVATE_DIR
+from statekeep.storage._file import SUFFIX, file_name
+from statekeep.testing import AWKWARD_IDS, PersistentCheckpointStorageContract
+
+WINDOWS_DEVICES = {"con", "prn", "aux", "nul"} | {
+    f"{p}{i}" for p in ("com", "lpt") for i in range(10)
+}
+
+
+def unescape(stem: str) -> str:
+    """Undo the %xx escaping of a (non-hashed) file name stem."""
+    out = bytearray()
+    i = 0
+    while i < len(stem):
+        if stem[i] == "%":
+            out.append(int(stem[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            out += stem[i].encode()
+            i += 1
+    return out.decode()
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> Iterator[FileCheckpointStorage]:
+    with FileCheckpointStorage(tmp_path / "ckpt") as opened:
+        yield opened
+
+
+class TestFileContract(PersistentCheckpointStorageContract):
+    """The durable file backend keeps every promise of the shared contract."""
+
+    @pytest.fixture
+    def make_storage(self, tmp_path: Path) -> Callable[[], FileCheckpointStorage]:
+        return lambda: FileCheckpointStorage(tmp_path / "ckpt")
+
+
+class TestFileContractNotDurable(PersistentCheckpointStorageContract):
+    """With durable=False the file backend keeps the same promises."""
+
+    @pytest.fixture
+    def make_storage(self, tmp_path: Path) -> Callable[[], FileCheckpointStorage]:
+        return lambda: FileCheckpointStorage(tmp_path / "ckpt", durable=False)
+
+
+class TestFileFormat:
+    """A checkpoint file is a JSON header line and the payload as plain JSON."""
+
+    def test_a_person_can_read_the_file(self, storage: FileCheckpointStorage) -> None:
+        storage.save("job-1", {"row": 42, "name": "ü"}, metadata={"stage": "load"})
+        path = storage.checkpoint_dir / "job-1.ckpt"
+        header_line, payload_line, rest = path.read_text(encoding="utf-8").split("\n")
+        assert rest == ""
+        assert json.loads(payload_line) == {"row": 42, "name": "ü"}
+        assert '"name":"ü"' in payload_line  # not escaped, not compressed
+        header = json.loads(header_line)
+        assert header["format"] == "statekeep-checkpoint"
+        assert header["version"] == 1
+        assert header["session_id"] == "job-1"
+        assert header["size"] == len(payload_line.encode())
+        assert header["crc32"] == zlib.crc32(payload_line.encode())
+        assert header["metadata"] == {"stage": "load"}
+        assert header["timestamp"].endswith("+00:00")
+
+    def test_listing_reads_only_headers(self, storage: FileCheckpointStorage) -> None:
+        storage.save("s1", {"row": 1}, metadata={"m": 1})
+        path = storage.checkpoint_dir / "s1.ckpt"
+        header = path.read_bytes().split(b"\n")[0]
+        path.write_bytes(header + b"\nthe payload is not read by list_checkpoints")
+        (info,) = storage.list_checkpoints()
+        assert (info.session_id, dict(info.metadata)) == ("s1", {"m": 1})
+        with pytest.raises(CorruptCheckpointError):
+            storage.load("s1")
+
+    def test_only_checkpoint_files_are_written(
+        self, tmp_path: Path, storage: FileCheckpointStorage
+    ) -> None:
+        for key in AWKWARD_IDS:
+            storage.save(key, {"key": key})
+        inside = sorted(p.name for p in storage.checkpoint_dir.iterdir())
+        assert inside == sorted([PRIVATE_DIR] + [file_name(key) for key in AWKWARD_IDS])
+        assert os.listdir(storage.checkpoint_dir / PRIVATE_DIR) == []
+        outside = {p for p in tmp_path.rglob("*") if storage.checkpoint_dir not in p.parents}
+        assert outside == {storage.checkpoint_dir}
+
+
+class TestFileNames:
+    """Session ids map to safe file names, reversibly and without collisions."""
+
+    def test_names_are_safe_everywhere(self) -> None:
+        for key in AWKWARD_IDS:
+            name = file_name(key)
+            stem = name.removesuffix(SUFFIX)
+            assert len(name.encode()) <= 255, key
+            assert set(stem) <= set("abcdefghijklmnopqrstuvwxyz0123456789_-%.")
+            assert stem.split(".")[0] not in WINDOWS_DEVICES, key
+            assert not stem.startswith("."), key
+
+    def test_names_never_collide_even_ignoring_case(self) -> None:
+        keys = [*AWKWARD_IDS, *(f"{c}" for c in "aAbB.%"), "%2e", "%2E", "x" * 161, "x" * 162]
+        names = [file_name(key) for key in keys]
+        assert len({name.lower() for name in names}) == len(set(keys))
+
+    def test_short_names_decode_back_to_the_id(self) -> None:
+        decoded = 0
+        for key in AWKWARD_IDS:
+            stem = file_name(key).removesuffix(SUFFIX)
+            if "." not in stem:
+                assert unescape(stem) == key
+                decoded += 1
+        assert decoded == len(AWKWARD_IDS) - 3  # the three long ids are hashed
+
+    def test_plain_ids_keep_their_name(self) -> None:
+        assert file_name("run-2024_01") == "run-2024_01.ckpt"
+        assert file_name("CON") == "%43%4f%4e.ckpt"
+        assert file_name("con") == "%63on.ckpt"
+
+    def test_a_long_id_keeps_a_readable_prefix_and_is_checked(
+        self, storage: FileCheckpointStorage
+    ) -> None:
+        long_a, long_b = "a" * 300, "a" * 299 + "b"
+        assert file_name(long_a).startswith("a" * 100 + ".")
+        storage.save(long_a, {"which": "a"})
+        # a file that claims another session (here: renamed by hand) is refused
+        os.rename(
+            storage.checkpoint_dir / file_name(long_a), storage.checkpoint_dir / file_name(long_b)
+        )
+        with pytest.raises(CorruptCheckpointError, match="holds session"):
+            storage.load(long_b)
+
+
+def flips(raw: bytes) -> Iterator[tuple[int, bytes]]:
+    for pos in range(len(raw)):
+        for bit in (0, 5):
+            changed = bytearray(raw)
+            changed[pos] ^= 1 << bit
+            yield pos, bytes(changed)
+
+
+class TestCorruption:
+    """Damaged files raise CorruptCheckpointError naming file and session; exists() stays True."""
+
+    @pytest.fixture
+    def saved(self, storage: FileCheckpointStorage) -> tuple[FileCheckpointStorage, Path, bytes]:
+        storage.save("victim", {"row": 12, "names": ["a", "b"]}, metadata={"m": 1})
+        path = storage.checkpoint_dir / "victim.ckpt"
+        return storage, path, path.read_bytes()
+
+    def assert_corrupt(self, storage: FileCheckpointStorage, path: Path) -> None:
+        with pytest.raises(CorruptCheckpointError) as caught:
+            storage.load("victim")
+        assert str(path) in str(caught.value)
+        assert "'victim'" in str(caught.value)
+        assert storage.exists("victim") is True
+
+    def test_every_truncation_is_detected(
+        self, saved: tuple[FileCheckpointStorage, Path, bytes]
+    ) -> None:
+        storage, path, raw = saved
+        for length in range(len(raw)):
+            path.write_bytes(raw[:length])
+            self.assert_corrupt(storage, path)
+
+    def test_every_flipped_bit_is_detected(
+        self, saved: tuple[FileCheckpointStorage, Path, bytes]
+    ) -> None:
+        storage, path, raw = saved
+        for _pos, changed in flips(raw):
+            path.write_bytes(changed)
+            self.assert_corrupt(storage, path)
+
+    @pytest.mark.parametrize(
+        "content",
+        [
+            b"",
+            b"\n",
+            b"not json at all\n{}\n",
+            b'{"format":"other","version":1}\n{}\n',
+            b"\x00" * 64,
+            b"[1, 2, 3]\n[]\n",
+        ],
+    )
+    def test_malformed_files(
+        self, saved: tuple[FileCheckpointStorage, Path, bytes], content: bytes
+    ) -> None:
+        storage, path, _ = saved
+        path.write_bytes(content)
+        self.assert_corrupt(storage, path)
+
+    def test_a_newer_format_version_is_refused(
+        self, saved: tuple[FileCheckpointStorage, Path, bytes]
+    ) -> None:
+        storage, path, raw = saved
+        header, _, payload = raw.partition(b"\n")
+        body = header.rpartition(b',"header_crc32":')[0].replace(b'"version":1', b'"version":2')
+        path.write_bytes(body + b',"header_crc32":%d}\n' % zlib.crc32(body) + payload)
+        with pytest.raises(CorruptCheckpointError, match="version 2"):
+            storage.load("victim")
+
+    def test_a_payload_that_is_not_an_object(
+        self, saved: tuple[FileCheckpointStorage, Path, bytes]
+    ) -> None:
+        storage, path, raw = saved
+        header = raw.partition(b"\n")[0]
+        fields = json.loads(header)
+        payload = b"[1,2]"
+        fields.update(size=len(payload), crc32=zlib.crc32(payload))
+        del fields["header_crc32"]
+        body = json.dumps(fields, separators=(",", ":")).encode()[:-1]
+        path.write_bytes(body + b',"header_crc32":%d}\n' % zlib.crc32(body) + payload + b"\n")
+        with pytest.raises(CorruptCheckpointError, match="not a JSON object"):
+            storage.load("victim")
+
+    def test_listing_skips_a_corrupt_file_and_logs_it(
+        self, saved: tuple[FileCheckpointStorage, Path, bytes], caplog: pytest.LogCaptureFixture
+    ) -> None:
+        storage, path, raw = saved
+        storage.save("healthy", {})
+        path.write_bytes(raw[:10])
+        with caplog.at_level(logging.WARNING, logger="statekeep"):
+            infos = storage.list_checkpoints()
+        assert [info.session_id for info in infos] == ["healthy"]
+        assert str(path) in caplog.text
+
+    def test_a_corrupt_file_can_be_replaced_and_deleted(
+        self, saved: tuple[FileCheckpointStorage, Path, bytes]
+    ) -> None:
+        storage, path, raw = saved
+        path.write_bytes(raw[:-3])
+        storage.save("victim", {"fresh": True})
+        assert storage.load("victim") == {"fresh": True}
+        path.write_bytes(b"junk")
+        assert storage.delete("victim") is True
+        assert storage.exists("victim") is False
+
+
+class TestErrorsAndLifecycle:
+    """OS errors surface as StorageError; leftovers are reclaimed; close() closes."""
+
+    def test_a_directory_in_the_way_is_a_storage_error(
+        self, storage: FileCheckpointStorage
+    ) -> None:
+        (storage.checkpoint_dir / "blocked.ckpt").mkdir()
+        with pytest.raises(StorageError, match=r"blocked\.ckpt") as caught:
+            storage.load("blocked")
+        assert isinstance(caught.value.__cause__, IsADirectoryError)
+        with pytest.raises(StorageError) as caught:
+            storage.save("blocked", {"x": 1})
+        assert isinstance(caught.value.__cause__, OSError)
+        assert os.listdir(storage.checkpoint_dir / PRIVATE_DIR) == []
+
+    def test_a_file_as_checkpoint_dir_is_a_storage_error(self, tmp_path: Path) -> None:
+        (tmp_path / "file").write_text("x")
+        with pytest.raises(StorageError, match="file") as caught:
+            FileCheckpointStorage(tmp_path / "file")
+        assert isinstance(caught.value.__cause__, FileExistsError | NotADirectoryError)
+
+    def test_opening_reclaims_what_a_killed_save_left(self, tmp_path: Path) -> None:
+        private = tmp_path / "ckpt" / PRIVATE_DIR
+        private.mkdir(parents=True)
+        (private / "0123456789abcdef.work").write_bytes(b"half a checkpoint")
+        with FileCheckpointStorage(tmp_path / "ckpt") as storage:
+            assert os.listdir(private) == []
+            assert storage.list_checkpoints() == []
+
+    def test_calls_after_close_raise_value_error(self, tmp_path: Path) -> None:
+        storage = FileCheckpointStorage(tmp_path)
+        storage.save("a", {})
+        storage.close()
+        storage.close()
+        with pytest.raises(ValueError, match="closed"):
+            storage.load("a")
+        with pytest.raises(ValueError, match="closed"):
+            storage.list_checkpoints()
+        assert "durable=True" in repr(storage)
+
+    def test_the_default_directory(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.chdir(tmp_path)
+        with FileCheckpointStorage() as storage:
+            storage.save("s", {"x": 1})
+        assert (tmp_path / ".checkpoints" / "s.ckpt").is_file()
+
+
+class TestProcesses:
+    """Writers in several processes of one session leave one whole value."""
+
+    def test_concurrent_process_writers(self, tmp_path: Path, worker_env: dict[str, str]) -> None:
+        count, writers = 40, 4
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(WORKERS / "checkpoint_worker.py"),
+                    "writer",
+                    "file",
+                    str(tmp_path / "ckpt"),
+                    "shared",
+                    str(who),
+                    str(count),
+                ],
+                stdout=subprocess.PIPE,
+                env=worker_env,
+                text=True,
+            )
+            for who in range(writers)
+        ]
+        outputs = []
+        for proc in procs:
+            out, _ = proc.communicate(timeout=120)
+            outputs.append(out.strip())
+            assert proc.returncode == 0
+        assert sorted(outputs) == [f"done {who}" for who in range(writers)]
+        with FileCheckpointStorage(tmp_path / "ckpt") as storage:
+            gen = check_value(storage.load("shared"))
+        assert gen % 1_000_000 == count - 1
+        assert os.listdir(tmp_path / "ckpt" / PRIVATE_DIR) == []

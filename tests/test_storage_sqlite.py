@@ -1,0 +1,215 @@
+"""SQLiteCheckpointStorage: the conformance suite, the schema, corruption, processes."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sqlite3
+import subprocess
+import sys
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+from conftest import WORKERS
+from crashworkers.checkpoint_worker import check_value
+from statekeep import CorruptCheckpointError, SQLiteCheckpointStorage, StorageError
+from statekeep.storage._sqlite import SCHEMA_VERSION
+from statekeep.testing import PersistentCheckpointStorageContract
+
+
+def raw(path: Path) -> closing[sqlite3.Connection]:
+    """A plain connection to the database, closed on exit."""
+    return closing(sqlite3.connect(path, isolation_level=None))
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "sub" / "checkpoints.sqlite"
+
+
+@pytest.fixture
+def storage(db: Path) -> Iterator[SQLiteCheckpointStorage]:
+    with SQLiteCheckpointStorage(db) as opened:
+        yield opened
+
+
+class TestSQLiteContract(PersistentCheckpointStorageContract):
+    """The SQLite backend keeps every promise of the shared contract."""
+
+    @pytest.fixture
+    def make_storage(self, db: Path) -> Callable[[], SQLiteCheckpointStorage]:
+        return lambda: SQLiteCheckpointStorage(db)
+
+
+class TestSchema:
+    """The database is in WAL mode, synchronous=FULL, and carries its schema version."""
+
+    def test_settings_and_version(self, storage: SQLiteCheckpointStorage, db: Path) -> None:
+        storage.save("s", {"row": 1})
+        with raw(db) as conn:
+            assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+            assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+            row = conn.execute("SELECT data, metadata FROM checkpoints").fetchone()
+        assert row == ('{"row":1}', "{}")  # readable with the sqlite3 shell
+        conn_of_storage = storage._conn
+        assert conn_of_storage is not None
+        assert conn_of_storage.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
+        assert conn_of_storage.execute("PRAGMA busy_timeout").fetchone() == (30000,)
+
+    def test_a_newer_schema_is_refused(self, db: Path) -> None:
+        SQLiteCheckpointStorage(db).close()
+        with raw(db) as conn:
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+        with pytest.raises(StorageError, match=f"schema version {SCHEMA_VERSION + 1}"):
+            SQLiteCheckpointStorage(db)
+
+    def test_a_file_that_is_not_a_database(self, db: Path) -> None:
+        db.parent.mkdir()
+        db.write_bytes(b"this is not an SQLite database, not even close" * 100)
+        with pytest.raises(StorageError, match=re.escape(str(db))) as caught:
+            SQLiteCheckpointStorage(db)
+        assert isinstance(caught.value.__cause__, sqlite3.DatabaseError)
+
+    def test_a_directory_as_database_is_a_storage_error(self, tmp_path: Path) -> None:
+        with pytest.raises(StorageError, match="could not open") as caught:
+            SQLiteCheckpointStorage(tmp_path)
+        assert isinstance(caught.value.__cause__, sqlite3.Error)
+
+
+class TestCorruption:
+    """A damaged row raises CorruptCheckpointError naming the session; exists() stays True."""
+
+    @pytest.mark.parametrize(
+        "update",
+        [
+            "UPDATE checkpoints SET data = '{\"row\":2}'",
+            "UPDATE checkpoints SET data = substr(data, 1, 4)",
+            "UPDATE checkpoints SET data = x'00ff'",
+            "UPDATE checkpoints SET crc32 = crc32 + 1",
+        ],
+        ids=["changed", "truncated", "binary", "checksum"],
+    )
+    def test_damaged_rows(self, storage: SQLiteCheckpointStorage, db: Path, update: str) -> None:
+        storage.save("victim", {"row": 1})
+        with raw(db) as conn:
+            conn.execute(update)
+        with pytest.raises(CorruptCheckpointError, match="'victim'") as caught:
+            storage.load("victim")
+        assert str(db) in str(caught.value)
+        assert storage.exists("victim") is True
+
+    def test_a_payload_that_is_not_an_object(
+        self, storage: SQLiteCheckpointStorage, db: Path
+    ) -> None:
+        storage.save("victim", {"row": 1})
+        with raw(db) as conn:
+            conn.execute(
+                "UPDATE checkpoints SET data = '[1]', size_bytes = 3, crc32 = ?",
+                (zlib.crc32(b"[1]"),),
+            )
+        with pytest.raises(CorruptCheckpointError, match="JSON object"):
+            storage.load("victim")
+
+    def test_listing_skips_bad_metadata_and_logs_it(
+        self, storage: SQLiteCheckpointStorage, db: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        storage.save("victim", {})
+        storage.save("healthy", {})
+        with raw(db) as conn:
+            conn.execute("UPDATE checkpoints SET metadata = 'oops' WHERE session_id = 'victim'")
+        with caplog.at_level(logging.WARNING, logger="statekeep"):
+            infos = storage.list_checkpoints()
+        assert [info.session_id for info in infos] == ["healthy"]
+        assert "'victim'" in caplog.text
+
+
+class TestLifecycle:
+    """close() closes the connection once; a lock held elsewhere is waited for, then reported."""
+
+    def test_calls_after_close_raise_value_error(self, db: Path) -> None:
+        storage = SQLiteCheckpointStorage(db)
+        storage.save("a", {})
+        storage.close()
+        storage.close()
+        with pytest.raises(ValueError, match="closed"):
+            storage.load("a")
+        with pytest.raises(ValueError, match="closed"):
+            storage.save("a", {})
+        assert repr(storage) == f"SQLiteCheckpointStorage({str(db)!r})"
+
+    def test_a_lock_held_too_long_is_a_storage_error(self, db: Path) -> None:
+        with SQLiteCheckpointStorage(db, timeout=0.05) as storage, raw(db) as other:
+            other.execute("BEGIN EXCLUSIVE")
+            with pytest.raises(StorageError, match="locked") as caught:
+                storage.save("s", {"x": 1})
+            assert isinstance(caught.value.__cause__, sqlite3.OperationalError)
+            other.execute("ROLLBACK")
+            assert storage.save("s", {"x": 1}) is True
+
+
+class TestProcesses:
+    """Writers in several processes of one session leave one whole value."""
+
+    def test_concurrent_process_writers(self, db: Path, worker_env: dict[str, str]) -> None:
+        count, writers = 40, 4
+        SQLiteCheckpointStorage(db).close()
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(WORKERS / "checkpoint_worker.py"),
+                    "writer",
+                    "sqlite",
+                    str(db),
+                    "shared",
+                    str(who),
+                    str(count),
+                ],
+                stdout=subprocess.PIPE,
+                env=worker_env,
+                text=True,
+            )
+            for who in range(writers)
+        ]
+        outputs = []
+        for proc in procs:
+            out, _ = proc.communicate(timeout=120)
+            outputs.append(out.strip())
+            assert proc.returncode == 0
+        assert sorted(outputs) == [f"done {who}" for who in range(writers)]
+        with SQLiteCheckpointStorage(db) as storage:
+            gen = check_value(storage.load("shared"))
+            assert len(storage.list_checkpoints()) == 1
+        assert gen % 1_000_000 == count - 1
+
+    def test_processes_creating_the_database_at_once(
+        self, db: Path, worker_env: dict[str, str]
+    ) -> None:
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(WORKERS / "checkpoint_worker.py"),
+                    "writer",
+                    "sqlite",
+                    str(db),
+                    f"session-{who}",
+                    str(who),
+                    "3",
+                ],
+                stdout=subprocess.PIPE,
+                env=worker_env,
+                text=True,
+            )
+            for who in range(4)
+        ]
+        for proc in procs:
+            proc.communicate(timeout=120)
+            assert proc.returncode == 0
+        with SQLiteCheckpointStorage(db) as storage:
+            for who in range(4):
+                assert check_value(storage.load(f"session-{who}")) == who * 1_000_000 + 2
