@@ -162,7 +162,11 @@ def run_campaign(
                 kind, pid_text = reader.line().split()
                 assert kind == "pid", kind
                 pid = int(pid_text)
-                delay = rng.uniform(0, 0.02) if rng.random() < 0.7 else rng.uniform(0.02, 0.1)
+                # Mostly inside the first save or two; sometimes late, after several saves.
+                dice = rng.random()
+                delay = rng.uniform(0, 0.02) if dice < 0.6 else rng.uniform(0.02, 0.1)
+                if dice > 0.92:
+                    delay = rng.uniform(0.1, 0.4)
                 lines = reader.lines_for(delay)
                 os.kill(pid, signal.SIGKILL)
                 while not lines or not lines[-1].startswith("exit "):
@@ -194,7 +198,7 @@ def assert_campaign(
     assert run.kills == kills
     assert run.mid_save >= kills // 4, "too few kills landed inside a save"
     assert run.returned_checked > 0
-    assert len(run.states) > kills // 4
+    assert len(run.states) >= 10
     # ``.pending`` leftovers (a kill inside the first microseconds of a save) go once old.
     monkeypatch.setattr(_atomic, "PENDING_GRACE", 0.0)
     _atomic.sweep(states_dir)
