@@ -23,7 +23,7 @@ import pytest
 from crashworkers.snapshot_worker import check_state
 from statekeep import StateStore, _atomic, _manifest
 
-DEFAULT_KILLS = 250
+DEFAULT_KILLS = 200
 LONG_KILLS = 2500
 
 
