@@ -141,6 +141,18 @@ class StateManager(Generic[ContextT]):
         ValueError: ``checkpoint_interval`` or ``time_interval`` is not positive.
     """
 
+    # Slots make attribute reads in should_checkpoint, the per-row hot path, cheaper.
+    __slots__ = (
+        "_clock",
+        "_context_type",
+        "_due_at",
+        "_due_row",
+        "_native",
+        "_policy",
+        "_storage",
+        "_with_metadata",
+    )
+
     @overload
     def __init__(
         self: StateManager[ExecutionContext],
