@@ -182,7 +182,7 @@ class TestDiscardCommitted:
         assert not state.exists()
         assert os.listdir(states_dir / PRIVATE) == []
 
-    def test_crash_before_delete_leaves_only_trash(
+    def test_interrupted_before_delete_leaves_only_trash(
         self, states_dir: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         state = states_dir / "a.state"
