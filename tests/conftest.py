@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+# before any test imports it, so the contract's asserts explain themselves
+pytest.register_assert_rewrite("statekeep.testing")
+
 WORKERS = Path(__file__).parent / "crashworkers"
 _CRASH_REPORT = pytest.StashKey[list[str]]()
 

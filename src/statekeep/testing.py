@@ -140,9 +140,11 @@ class CheckpointStorageContract:
     # -- basics -----------------------------------------------------------------
 
     def test_satisfies_the_protocol(self, storage: CheckpointStorage) -> None:
+        """The storage is an instance of the runtime-checkable protocol."""
         assert isinstance(storage, CheckpointStorage)
 
     def test_roundtrip(self, storage: CheckpointStorage) -> None:
+        """save returns True and load returns an equal, plain dict."""
         data = {"row": 7, "name": "run", "nested": {"list": [1, 2.5, None, True, "x"]}}
         assert storage.save("s1", data) is True
         loaded = storage.load("s1")
@@ -150,6 +152,7 @@ class CheckpointStorageContract:
         assert type(loaded) is dict
 
     def test_empty_and_large_values(self, storage: CheckpointStorage) -> None:
+        """An empty dict and a value of several megabytes come back whole."""
         large = {"rows": list(range(100_000)), "text": "ü" * 200_000}
         storage.save("empty", {})
         storage.save("large", large)
@@ -157,16 +160,19 @@ class CheckpointStorageContract:
         assert storage.load("large") == large
 
     def test_load_of_an_absent_session_is_none(self, storage: CheckpointStorage) -> None:
+        """load of a session never saved is None and exists is False."""
         assert storage.load("nobody") is None
         assert storage.exists("nobody") is False
 
     def test_save_replaces(self, storage: CheckpointStorage) -> None:
+        """A second save of a session replaces the first (no merge, one listing)."""
         storage.save("s1", {"row": 1, "old": True})
         storage.save("s1", {"row": 2})
         assert storage.load("s1") == {"row": 2}
         assert [info.session_id for info in storage.list_checkpoints()] == ["s1"]
 
     def test_delete(self, storage: CheckpointStorage) -> None:
+        """delete removes one session, returns True once and then False."""
         storage.save("s1", {"row": 1})
         storage.save("s2", {"row": 2})
         assert storage.delete("s1") is True
@@ -177,6 +183,7 @@ class CheckpointStorageContract:
         assert [info.session_id for info in storage.list_checkpoints()] == ["s2"]
 
     def test_exists(self, storage: CheckpointStorage) -> None:
+        """exists is True exactly for saved sessions."""
         assert storage.exists("s1") is False
         storage.save("s1", {})
         assert storage.exists("s1") is True
@@ -185,9 +192,11 @@ class CheckpointStorageContract:
     # -- listing ------------------------------------------------------------------
 
     def test_list_of_an_empty_storage(self, storage: CheckpointStorage) -> None:
+        """A fresh storage lists nothing."""
         assert storage.list_checkpoints() == []
 
     def test_list_reports_metadata_size_and_time(self, storage: CheckpointStorage) -> None:
+        """Listing gives metadata, a size that grows with the data, and an aware UTC time."""
         before = datetime.now(timezone.utc)
         storage.save("small", {"x": 1}, metadata={"stage": "load", "n": 3})
         storage.save("big", {"x": "y" * 1000})
@@ -203,6 +212,7 @@ class CheckpointStorageContract:
             assert before - slack <= info.timestamp <= after + slack
 
     def test_list_is_oldest_first(self, storage: CheckpointStorage) -> None:
+        """Listing is ordered by timestamp, then session id."""
         for name in ("zulu", "yankee", "xray"):
             storage.save(name, {"name": name})
         infos = storage.list_checkpoints()
@@ -212,6 +222,7 @@ class CheckpointStorageContract:
         assert [i.session_id for i in infos] == [i.session_id for i in ordered]
 
     def test_replacing_updates_time_and_metadata(self, storage: CheckpointStorage) -> None:
+        """Replacing a checkpoint replaces its time, size and metadata too."""
         storage.save("s1", {"v": 1}, metadata={"v": 1})
         (first,) = storage.list_checkpoints()
         storage.save("s1", {"v": 2, "more": "data"}, metadata={"v": 2})
@@ -221,6 +232,7 @@ class CheckpointStorageContract:
         assert second.size_bytes > first.size_bytes
 
     def test_metadata_takes_json_forms(self, storage: CheckpointStorage) -> None:
+        """Metadata is stored as JSON, like data."""
         when = datetime(2024, 5, 6, 7, 8, 9, tzinfo=timezone.utc)
         storage.save("s1", {}, metadata={"when": when, "id": UUID(int=1)})
         (info,) = storage.list_checkpoints()
@@ -232,6 +244,7 @@ class CheckpointStorageContract:
     # -- isolation ------------------------------------------------------------------
 
     def test_mutating_the_saved_dict_changes_nothing(self, storage: CheckpointStorage) -> None:
+        """Changing the dicts passed to save afterwards changes nothing stored."""
         data: dict[str, Any] = {"rows": [1, 2], "inner": {"k": "v"}}
         meta: dict[str, Any] = {"tags": ["a"]}
         storage.save("s1", data, metadata=meta)
@@ -243,6 +256,7 @@ class CheckpointStorageContract:
         assert dict(storage.list_checkpoints()[0].metadata) == {"tags": ["a"]}
 
     def test_mutating_the_loaded_dict_changes_nothing(self, storage: CheckpointStorage) -> None:
+        """Changing a loaded dict changes nothing stored."""
         storage.save("s1", {"rows": [1, 2], "inner": {"k": "v"}})
         loaded = storage.load("s1")
         assert loaded is not None
@@ -254,6 +268,7 @@ class CheckpointStorageContract:
     # -- keys ---------------------------------------------------------------------
 
     def test_awkward_ids_roundtrip_without_colliding(self, storage: CheckpointStorage) -> None:
+        """Every id in AWKWARD_IDS is its own checkpoint."""
         for index, key in enumerate(AWKWARD_IDS):
             storage.save(key, {"index": index, "key": key}, metadata={"index": index})
         for index, key in enumerate(AWKWARD_IDS):
@@ -263,6 +278,7 @@ class CheckpointStorageContract:
         assert listed == {key: index for index, key in enumerate(AWKWARD_IDS)}
 
     def test_awkward_ids_delete_only_themselves(self, storage: CheckpointStorage) -> None:
+        """Deleting an awkward id removes that checkpoint and no other."""
         for key in AWKWARD_IDS:
             storage.save(key, {"key": key})
         for gone, key in enumerate(AWKWARD_IDS):
@@ -271,6 +287,7 @@ class CheckpointStorageContract:
             assert remaining == set(AWKWARD_IDS[gone + 1 :])
 
     def test_ids_differing_only_in_case_are_distinct(self, storage: CheckpointStorage) -> None:
+        """Ids that differ only in case name different checkpoints."""
         for key in ("run", "Run", "RUN", "rUn"):
             storage.save(key, {"key": key})
         for key in ("run", "Run", "RUN", "rUn"):
@@ -280,6 +297,7 @@ class CheckpointStorageContract:
     def test_empty_and_nul_ids_raise_value_error(
         self, storage: CheckpointStorage, bad: str
     ) -> None:
+        """An empty id or one holding NUL raises ValueError from every method."""
         with pytest.raises(ValueError, match="session_id"):
             storage.save(bad, {})
         for call in (storage.load, storage.exists, storage.delete):
@@ -291,12 +309,14 @@ class CheckpointStorageContract:
     def test_ids_of_other_types_raise_type_error(
         self, storage: CheckpointStorage, bad: Any
     ) -> None:
+        """An id that is neither str nor UUID raises TypeError."""
         with pytest.raises(TypeError, match="session_id"):
             storage.save(bad, {})
         with pytest.raises(TypeError, match="session_id"):
             storage.load(bad)
 
     def test_a_uuid_and_its_string_name_one_checkpoint(self, storage: CheckpointStorage) -> None:
+        """A UUID and its string name one checkpoint, listed as the string."""
         sid = UUID("12345678-1234-5678-1234-567812345678")
         storage.save(sid, {"via": "uuid"})
         assert storage.load(str(sid)) == {"via": "uuid"}
@@ -312,6 +332,7 @@ class CheckpointStorageContract:
     # -- values ---------------------------------------------------------------------
 
     def test_rich_types_come_back_as_their_json_forms(self, storage: CheckpointStorage) -> None:
+        """Datetimes, UUIDs, Decimals, bytes, tuples and models come back in JSON form."""
         when = datetime(2024, 1, 2, 3, 4, 5, 600000, tzinfo=timezone.utc)
         data = {
             "aware": when,
@@ -342,6 +363,7 @@ class CheckpointStorageContract:
         }
 
     def test_unicode_and_escapes_survive(self, storage: CheckpointStorage) -> None:
+        """Newlines, quotes, backslashes and non-ASCII text survive."""
         data = {"text": 'line\nbreak "quoted" \\ tab\t \u2028 ü 日本 \U0001f389', "ü": "key"}
         storage.save("s1", data)
         assert storage.load("s1") == data
@@ -361,6 +383,7 @@ class CheckpointStorageContract:
     def test_unserialisable_values_raise_type_error_and_store_nothing(
         self, storage: CheckpointStorage, data: Any, metadata: Any
     ) -> None:
+        """A value JSON cannot carry raises TypeError naming the session and stores nothing."""
         storage.save("s1", {"kept": True}, metadata={"kept": True})
         with pytest.raises(TypeError, match="s1"):
             storage.save("s1", data, metadata=metadata)
@@ -371,6 +394,7 @@ class CheckpointStorageContract:
         assert [dict(info.metadata) for info in storage.list_checkpoints()] == [{"kept": True}]
 
     def test_a_circular_value_raises_type_error(self, storage: CheckpointStorage) -> None:
+        """A value that contains itself raises TypeError."""
         loop: dict[str, Any] = {}
         loop["self"] = loop
         with pytest.raises(TypeError, match="s1"):
@@ -382,6 +406,7 @@ class CheckpointStorageContract:
     def test_concurrent_writers_of_one_session_leave_one_whole_value(
         self, storage: CheckpointStorage
     ) -> None:
+        """Threads saving one session end with one writer's whole last value."""
         writers, rounds = 6, 25
         start = threading.Barrier(writers, timeout=30)
         errors: list[BaseException] = []
@@ -409,6 +434,7 @@ class CheckpointStorageContract:
         assert 0 <= writer < writers
 
     def test_concurrent_writers_of_many_sessions(self, storage: CheckpointStorage) -> None:
+        """Threads saving their own sessions lose nothing."""
         writers = 6
         start = threading.Barrier(writers, timeout=30)
         errors: list[BaseException] = []
@@ -434,6 +460,7 @@ class CheckpointStorageContract:
     # -- lifecycle -----------------------------------------------------------------
 
     def test_context_manager_and_idempotent_close(self, make_storage: StorageFactory) -> None:
+        """The storage is a context manager and close() may be called twice."""
         opened: Any = make_storage()
         if not hasattr(opened, "close") or not hasattr(opened, "__enter__"):
             pytest.skip(f"{type(opened).__name__} has no close() / context manager")
@@ -451,6 +478,7 @@ class PersistentCheckpointStorageContract(CheckpointStorageContract):
     """
 
     def test_reopening_keeps_everything(self, make_storage: StorageFactory) -> None:
+        """Checkpoints, deletions and listings survive closing and reopening."""
         sid = UUID(int=7)
         first = make_storage()
         try:
@@ -479,6 +507,7 @@ class PersistentCheckpointStorageContract(CheckpointStorageContract):
             _close(third)
 
     def test_two_open_instances_see_each_other(self, make_storage: StorageFactory) -> None:
+        """Two instances on the same place see each other's saves and deletions."""
         one, two = make_storage(), make_storage()
         try:
             one.save("s1", {"from": "one"})
