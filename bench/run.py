@@ -111,6 +111,7 @@ def main() -> int:
     )
     parser.add_argument("--seed", type=int, default=None, help="seed of the round order")
     parser.add_argument("--only", default="", help="comma-separated suite title prefixes")
+    parser.add_argument("--rounds", type=int, default=0, help="override every suite's rounds")
     parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
     args = parser.parse_args()
     rng = random.Random(args.seed)
@@ -125,6 +126,7 @@ def main() -> int:
                     if case.close:
                         case.close()
                 continue
+            suite.rounds = args.rounds or suite.rounds
             print(f"\n## {suite.title} ({suite.rounds} interleaved rounds, medians)\n")
             res = run_suite(suite, rng)
             results.update(res)

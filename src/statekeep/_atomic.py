@@ -74,8 +74,8 @@ class Work:
     __slots__ = ("fd", "path")
 
     def __init__(self, private: Path, *, is_dir: bool) -> None:
-        token = secrets.token_hex(8)
-        pending = private / f"{token}.pending"
+        base = f"{private}/{secrets.token_hex(8)}"  # str paths: pathlib costs here add up
+        pending = f"{base}.pending"
         if is_dir:
             os.mkdir(pending)
             fd = os.open(pending, os.O_RDONLY | _O_DIRECTORY)
@@ -84,13 +84,14 @@ class Work:
         try:
             if fcntl is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            self.path = private / f"{token}.work"
-            os.rename(pending, self.path)
+            work = f"{base}.work"
+            os.rename(pending, work)
         except BaseException:
             os.close(fd)
-            remove_tree(pending)
+            remove_tree(Path(pending))
             raise
         self.fd = fd
+        self.path = Path(work)
 
     def release(self) -> None:
         """Drop the lock (after the entry was renamed into place or removed)."""

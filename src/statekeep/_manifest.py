@@ -25,7 +25,9 @@ from statekeep.errors import CorruptStateError
 MANIFEST_NAME = ".statekeep-manifest.json"
 FORMAT = "statekeep.state"
 FORMAT_VERSION = 1
-_CHUNK = 1 << 20
+_FIRST = 64 << 10  # the first read: all of a small file
+_CHUNK = 4 << 20  # later reads, into one reused buffer
+_WILLNEED = getattr(os, "POSIX_FADV_WILLNEED", None)  # absent on macOS
 _PARALLEL_SYNC = 4 << 20  # above this size, fsync runs beside the checksum pass
 
 
@@ -53,61 +55,89 @@ class Manifest:
         return sum(e.size for e in self.entries)
 
     def to_bytes(self) -> bytes:
+        created = self.created_at.isoformat()
+        files = [
+            {"path": e.path, "type": "dir"}
+            if e.is_dir
+            else {"path": e.path, "type": "file", "size": e.size, "crc32": e.crc32}
+            for e in self.entries
+        ]
         body = {
             "format": FORMAT,
             "version": self.version,
-            "created_at": self.created_at.isoformat(),
+            "created_at": created,
             "sequence": self.sequence,
-            "files": [
-                {"path": e.path, "type": "dir"}
-                if e.is_dir
-                else {"path": e.path, "type": "file", "size": e.size, "crc32": e.crc32}
-                for e in self.entries
-            ],
+            "files": files,
         }
-        body["checksum"] = zlib.crc32(_canonical(body))
-        return json.dumps(body, indent=1).encode()
+        checksum = zlib.crc32(_canonical(body))
+        # One line per file, laid out by hand: json.dumps(indent=...) would fall back to
+        # the pure-Python encoder, which cost more than every syscall of a small save.
+        lines = ",\n".join(f"  {json.dumps(f)}" for f in files)
+        return (
+            f'{{\n "format": {json.dumps(FORMAT)},\n "version": {self.version},\n'
+            f' "created_at": {json.dumps(created)},\n "sequence": {self.sequence},\n'
+            f' "files": [\n{lines}\n ],\n "checksum": {checksum}\n}}\n'
+        ).encode()
+
+
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
 
 
 def _canonical(body: dict[str, object]) -> bytes:
-    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return _CANONICAL.encode(body).encode()
 
 
 def _checksum_file(path: str, *, sync: bool) -> tuple[int, int]:
-    """Return (size, crc32) of a file, fsyncing it when ``sync``; one read pass."""
+    """Return (size, crc32) of a file, fsyncing it when ``sync``; one read pass.
+
+    A small file takes one read and no fstat: a short read of a regular file is its end.
+    """
     fd = os.open(path, os.O_RDONLY)
     try:
-        size = os.fstat(fd).st_size
-        syncer = None
-        errors: list[BaseException] = []
-        if sync and size >= _PARALLEL_SYNC:
-            # fsync and crc32 both release the GIL: overlap the disk flush with the read.
-            def flush() -> None:
-                try:
-                    os.fsync(fd)
-                except BaseException as exc:  # pragma: no cover - surfaced below
-                    errors.append(exc)
-
-            syncer = threading.Thread(target=flush, name="statekeep-fsync")
-            syncer.start()
-        crc = 0
-        read = 0
-        want = _CHUNK if size >= _CHUNK else size + 1
-        while True:
-            chunk = os.read(fd, want)
-            read += len(chunk)
-            crc = zlib.crc32(chunk, crc)
-            if len(chunk) < want:  # a short read of a regular file is its end
-                break
-        if syncer is not None:
-            syncer.join()
-            if errors:
-                raise errors[0]
-        elif sync:
-            os.fsync(fd)
-        return read, crc
+        head = os.read(fd, _FIRST)
+        if len(head) < _FIRST:
+            if sync:
+                os.fsync(fd)
+            return len(head), zlib.crc32(head)
+        return _checksum_rest(fd, head, sync=sync)
     finally:
         os.close(fd)
+
+
+def _checksum_rest(fd: int, head: bytes, *, sync: bool) -> tuple[int, int]:
+    """Finish :func:`_checksum_file` for a file larger than its first read."""
+    syncer = None
+    errors: list[BaseException] = []
+    if sync and os.fstat(fd).st_size >= _PARALLEL_SYNC:
+        # fsync and crc32 both release the GIL: overlap the disk flush with the read.
+        def flush() -> None:
+            try:
+                os.fsync(fd)
+            except BaseException as exc:  # pragma: no cover - surfaced below
+                errors.append(exc)
+
+        syncer = threading.Thread(target=flush, name="statekeep-fsync")
+        syncer.start()
+    if _WILLNEED is not None:
+        # Ask the kernel to read the rest ahead now, so the disk works while crc32 runs.
+        os.posix_fadvise(fd, len(head), 0, _WILLNEED)
+    crc = zlib.crc32(head)
+    read = len(head)
+    buf = bytearray(_CHUNK)  # one buffer, reused: no allocation (or page faults) per chunk
+    view = memoryview(buf)
+    while True:
+        got = os.readv(fd, [buf])
+        read += got
+        crc = zlib.crc32(view[:got], crc)
+        if got < _CHUNK:
+            break
+    if syncer is not None:
+        syncer.join()
+        if errors:
+            raise errors[0]
+    elif sync:
+        os.fsync(fd)
+    return read, crc
 
 
 def scan(root: str, rel: str = "") -> list[tuple[str, os.DirEntry[str]]]:
@@ -153,8 +183,12 @@ class BuildDir:
     def __init__(self, root: Path, *, durable: bool) -> None:
         self.root = root
         self.durable = durable
-        self._private = _atomic.ensure_private(root, durable=durable)
-        self._work = _atomic.Work(self._private, is_dir=True)
+        self._private = root / _atomic.PRIVATE_DIR
+        try:
+            self._work = _atomic.Work(self._private, is_dir=True)
+        except FileNotFoundError:  # first use, or someone removed it: create, then retry
+            _atomic.ensure_private(root, durable=durable)
+            self._work = _atomic.Work(self._private, is_dir=True)
         self.path = self._work.path
 
     def commit(self, final: Path) -> Manifest:
@@ -166,7 +200,7 @@ class BuildDir:
         manifest = build_manifest(
             self.path, sequence=next_sequence(self._private), durable=self.durable
         )
-        fd = os.open(self.path / MANIFEST_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(f"{self.path}/{MANIFEST_NAME}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             _atomic.write_all(fd, [manifest.to_bytes()])
             if self.durable:
@@ -199,7 +233,7 @@ class BuildDir:
 
 def next_sequence(private: Path) -> int:
     """Return the next number of the store's counter (shared by threads and processes)."""
-    fd = os.open(private / "sequence", os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(f"{private}/sequence", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         if _atomic.fcntl is not None:
             _atomic.fcntl.flock(fd, _atomic.fcntl.LOCK_EX)
@@ -207,6 +241,18 @@ def next_sequence(private: Path) -> int:
         value = (int(raw) if raw.isdigit() else 0) + 1
         os.pwrite(fd, b"%20d\n" % value, 0)
         return value
+    finally:
+        os.close(fd)
+
+
+def _read_all(path: str) -> bytes:
+    """The whole of a small file in as few syscalls as can be (open, read, close)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks = [os.read(fd, _FIRST)]
+        while len(chunks[-1]) == _FIRST:
+            chunks.append(os.read(fd, _FIRST))
+        return b"".join(chunks)
     finally:
         os.close(fd)
 
@@ -220,8 +266,8 @@ def read_manifest(directory: Path) -> Manifest:
     """
     path = directory / MANIFEST_NAME
     try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
+        raw = _read_all(str(path))
+    except (FileNotFoundError, NotADirectoryError):
         if not directory.is_dir():
             raise FileNotFoundError(f"state {directory} does not exist") from None
         raise CorruptStateError(f"state {directory} has no manifest ({path} is missing)") from None

@@ -98,10 +98,12 @@ def scan_dirs(states_dir: Path, match: str | None = None) -> list[Scanned]:
                 problem = exc
             except FileNotFoundError:
                 continue  # removed while we looked
-            try:
-                mtime = entry.stat(follow_symlinks=False).st_mtime
-            except FileNotFoundError:
-                continue
+            mtime = 0.0  # only ordered by mtime when there is no manifest: stat only then
+            if manifest is None:
+                try:
+                    mtime = entry.stat(follow_symlinks=False).st_mtime
+                except FileNotFoundError:
+                    continue
             found.append(Scanned(path, manifest, problem, mtime))
     found.sort(key=lambda s: s.order)
     return found
@@ -175,10 +177,10 @@ class StateStore:
             CorruptStateError: with ``verify``, the state does not match its manifest.
         """
         path = Path(state_path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"state {path} does not exist")
         if verify:
-            _manifest.verify(path)
+            _manifest.verify(path)  # raises FileNotFoundError itself: no stat needed first
+        elif not path.is_dir():
+            raise FileNotFoundError(f"state {path} does not exist")
         for component, state in self._components():
             state.load_state(path / component)
 
