@@ -541,11 +541,9 @@ class TestSigtermInProcess:
     @pytest.fixture
     def app_handler(self) -> Iterator[list[tuple[int, Pair | None]]]:
         calls: list[tuple[int, Pair | None]] = []
-        handled = threading.Event()
 
         def handler(signum: int, frame: FrameType | None) -> None:
             calls.append((signum, None))
-            handled.set()
 
         original = signal.signal(signal.SIGTERM, handler)
         try:
@@ -576,7 +574,45 @@ class TestSigtermInProcess:
             assert app_handler == [(signal.SIGTERM, None)]
             assert recording.saved[0]["state"] == {"a": 1, "b": 1}
 
-    def test_teardown_restores_handlers(self, app_handler: list[Any]) -> None:
+    def test_teardown_restores_handler(self, app_handler: list[Any]) -> None:
+        mine = signal.getsignal(signal.SIGTERM)
+        with make(RecordingStorage(), Pair(), persist_on_exit=True):
+            assert signal.getsignal(signal.SIGTERM) is not mine
+        assert signal.getsignal(signal.SIGTERM) is mine
+
+    def test_ignored_sigterm_stays_ignored(self) -> None:
+        recording = RecordingStorage()
+        original = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            with make(recording, Pair(a=5), persist_on_exit=True):
+                os.kill(os.getpid(), signal.SIGTERM)
+                assert recording.wait_for_saves(1)[0]["state"] == {"a": 5, "b": 0}
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        finally:
+            signal.signal(signal.SIGTERM, original)
+
+    def test_outside_main_thread(self, caplog: pytest.LogCaptureFixture) -> None:
+        before = signal.getsignal(signal.SIGTERM)
+        state = make(RecordingStorage(), Pair(), persist_on_exit=True)
+        with caplog.at_level(logging.WARNING, logger="statekeep"):
+            worker = threading.Thread(target=state.initialize)
+            worker.start()
+            worker.join()
+        assert signal.getsignal(signal.SIGTERM) is before
+        assert any("not on SIGTERM" in r.getMessage() for r in caplog.records)
+        state.teardown()
+
+    def test_disabled_persistence_installs_nothing(self) -> None:
+        before = signal.getsignal(signal.SIGTERM)
+        state = RecoverableState(
+            default_state=Pair(), persist_state_key=KEY, persist_interval=0.01,
+            persist_on_exit=True,
+        )  # fmt: skip
+        with state:
+            assert signal.getsignal(signal.SIGTERM) is before
+            assert not [t for t in threading.enumerate() if t.name.startswith("statekeep-auto")]
+
+    def test_stacked_states(self, app_handler: list[Any]) -> None:
         recording = RecordingStorage()
         mine = signal.getsignal(signal.SIGTERM)
         first = make(recording, Pair(), persist_on_exit=True)
@@ -592,9 +628,6 @@ class TestSigtermInProcess:
             pass
         assert app_handler == [(signal.SIGTERM, None)]  # reached through any pass-through
         assert len(recording.saved) == saves  # neither torn-down state persisted again
-        first.initialize()
-        first.teardown()
-        assert signal.getsignal(signal.SIGTERM) is not None
 
 
 CHILD = textwrap.dedent(
