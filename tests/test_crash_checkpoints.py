@@ -20,10 +20,13 @@ SHORT_KILLS = 30
 LONG_KILLS = 150
 
 
-def campaign(backend: str, path: Path, kills: int, seed: int, env: dict[str, str]) -> list[int]:
+def campaign(
+    backend: str, path: Path, kills: int, seed: int, env: dict[str, str]
+) -> tuple[list[int], int]:
     """Kill ``kills`` save loops at random moments; check the checkpoint after each.
 
-    Returns how many saves each child had reported before it died.
+    Returns how many saves each child had reported before it died, and (file backend)
+    how many kills left a half-written temp file behind, i.e. landed inside a write.
     """
     rng = random.Random(seed)
     zygote = subprocess.Popen(
@@ -36,6 +39,7 @@ def campaign(backend: str, path: Path, kills: int, seed: int, env: dict[str, str
     assert zygote.stdin is not None
     assert zygote.stdout is not None
     reported: list[int] = []
+    mid_write = 0
     try:
         for round_ in range(kills):
             base = (round_ + 1) * 1_000_000
@@ -62,6 +66,9 @@ def campaign(backend: str, path: Path, kills: int, seed: int, env: dict[str, str
                     break
             assert os.WIFSIGNALED(status), f"child {pid} was not killed: status {status}"
             assert last >= base
+            private = path / _atomic.PRIVATE_DIR
+            if backend == "file" and any(p.suffix == ".work" for p in private.iterdir()):
+                mid_write += 1
             with open_storage(backend, str(path)) as storage:
                 gen = check_value(storage.load(SESSION))
                 (info,) = storage.list_checkpoints()
@@ -69,7 +76,6 @@ def campaign(backend: str, path: Path, kills: int, seed: int, env: dict[str, str
             assert gen < base + 1_000_000, f"round {round_}: gen {gen} from a later round?"
             assert info.metadata == {"gen": gen}, "metadata and data come from different saves"
             if backend == "file":
-                private = path / _atomic.PRIVATE_DIR
                 stale = [p.name for p in private.iterdir() if p.name.endswith(".work")]
                 assert stale == [], f"a killed save's temp file was not reclaimed: {stale}"
             reported.append(last - base + 1)
@@ -80,7 +86,7 @@ def campaign(backend: str, path: Path, kills: int, seed: int, env: dict[str, str
         if zygote.wait(timeout=60) != 0:
             zygote.kill()
         zygote.stdout.close()
-    return reported
+    return reported, mid_write
 
 
 def target(backend: str, tmp_path: Path) -> Path:
@@ -94,9 +100,14 @@ class TestCrashDuringSaves:
     def test_short_campaign(
         self, backend: str, tmp_path: Path, worker_env: dict[str, str], crash_report: list[str]
     ) -> None:
-        reported = campaign(backend, target(backend, tmp_path), SHORT_KILLS, 1234, worker_env)
+        reported, mid_write = campaign(
+            backend, target(backend, tmp_path), SHORT_KILLS, 1234, worker_env
+        )
         assert len(reported) == SHORT_KILLS
-        crash_report.append(f"checkpoints/{backend}: {SHORT_KILLS} kills, all loads whole")
+        if backend == "file":
+            assert mid_write > 0, "no kill landed inside a write: the campaign proves nothing"
+        inside = f" ({mid_write} inside a file write)" if backend == "file" else ""
+        crash_report.append(f"checkpoints/{backend}: {SHORT_KILLS} kills{inside}, all loads whole")
 
     @pytest.mark.crash
     @pytest.mark.parametrize("backend", ["file", "sqlite"])
@@ -105,9 +116,9 @@ class TestCrashDuringSaves:
     ) -> None:
         kills = LONG_KILLS if long_campaign() else SHORT_KILLS
         seed = random.SystemRandom().randrange(1 << 30)
-        reported = campaign(backend, target(backend, tmp_path), kills, seed, worker_env)
+        reported, mid_write = campaign(backend, target(backend, tmp_path), kills, seed, worker_env)
         assert len(reported) == kills
         crash_report.append(
-            f"checkpoints/{backend}: {kills} kills (seed {seed}), "
+            f"checkpoints/{backend}: {kills} kills (seed {seed}; {mid_write} inside a file write), "
             f"{sum(reported)} saves returned, all loads whole"
         )
