@@ -9,6 +9,7 @@ through :func:`statekeep._atomic.replace_file`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -23,7 +24,7 @@ from typing import Any
 from uuid import UUID
 
 from statekeep import _atomic
-from statekeep.errors import CorruptCheckpointError, StatekeepError, StorageError
+from statekeep.errors import CorruptCheckpointError, StorageError
 from statekeep.storage._base import CheckpointInfo, decode, encode, session_key
 
 __all__ = ["FileCheckpointStorage", "file_name"]
@@ -42,6 +43,7 @@ _MAX_STEM = 160  # escapes triple a character; stay well inside 255-byte file na
 _PREFIX = 100
 
 
+@functools.lru_cache(maxsize=1024)  # a pure function of the key; saves re-escaping it per call
 def file_name(key: str) -> str:
     """The file name of session ``key``: reversible, collision-free, safe everywhere.
 
@@ -69,8 +71,6 @@ def _os_errors(action: str, where: Path) -> Iterator[None]:
     """Map an OSError to StorageError, once, at the backend boundary."""
     try:
         yield
-    except StatekeepError:
-        raise
     except OSError as exc:
         raise StorageError(exc.errno, f"could not {action} {where}: {exc}") from exc
 
