@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import zlib
@@ -214,6 +215,40 @@ class TestCorruption:
         path.write_bytes(body + b',"header_crc32":%d}\n' % zlib.crc32(body) + payload)
         with pytest.raises(CorruptCheckpointError, match="version 2"):
             storage.load("victim")
+
+    @pytest.mark.parametrize(
+        ("body", "reason"),
+        [
+            (b"not json", "not valid JSON"),
+            (b'{"format":"someone-else"', "format is 'someone-else'"),
+            (b'{"format":"statekeep-checkpoint","version":1', "malformed"),
+            (
+                b'{"format":"statekeep-checkpoint","version":1,"session_id":"victim",'
+                b'"timestamp":"2024-01-01T00:00:00+00:00","size":"12","crc32":0,"metadata":{}',
+                "'size' has the wrong type",
+            ),
+        ],
+    )
+    def test_headers_with_a_valid_checksum_but_bad_fields(
+        self, saved: tuple[FileCheckpointStorage, Path, bytes], body: bytes, reason: str
+    ) -> None:
+        storage, path, raw = saved
+        payload = raw.partition(b"\n")[2]
+        path.write_bytes(body + b',"header_crc32":%d}\n' % zlib.crc32(body) + payload)
+        with pytest.raises(CorruptCheckpointError, match=re.escape(reason)):
+            storage.load("victim")
+        assert storage.list_checkpoints() == []
+
+    def test_a_file_copied_to_another_session_is_refused(
+        self, saved: tuple[FileCheckpointStorage, Path, bytes], caplog: pytest.LogCaptureFixture
+    ) -> None:
+        storage, _, raw = saved
+        (storage.checkpoint_dir / "other.ckpt").write_bytes(raw)
+        with pytest.raises(CorruptCheckpointError, match="holds session 'victim'"):
+            storage.load("other")
+        with caplog.at_level(logging.WARNING, logger="statekeep"):
+            assert [info.session_id for info in storage.list_checkpoints()] == ["victim"]
+        assert "other.ckpt" in caplog.text
 
     def test_a_payload_that_is_not_an_object(
         self, saved: tuple[FileCheckpointStorage, Path, bytes]

@@ -305,6 +305,15 @@ class CheckpointStorageContract:
                 call(bad)
         assert storage.list_checkpoints() == []
 
+    def test_an_id_that_is_not_valid_unicode_raises_value_error(
+        self, storage: CheckpointStorage
+    ) -> None:
+        """An id holding a lone surrogate (not storable as UTF-8) raises ValueError."""
+        for call in (lambda key: storage.save(key, {}), storage.load, storage.exists):
+            with pytest.raises(ValueError, match=r"(?i)session_id|surrogate|unicode|utf-8"):
+                call("half \ud800 a pair")
+        assert storage.list_checkpoints() == []
+
     @pytest.mark.parametrize("bad", [42, None, b"bytes", 1.5])
     def test_ids_of_other_types_raise_type_error(
         self, storage: CheckpointStorage, bad: Any
