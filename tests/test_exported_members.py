@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 from pathlib import Path
 
@@ -137,6 +138,17 @@ class TestDocumentation:
         rendered = blocks["statekeep"]
         if rendered is not None:
             assert set(statekeep.__all__) - rendered == set()
+
+    def test_testing_module_is_documented(self) -> None:
+        """Some docs page renders every name of statekeep.testing."""
+        testing = importlib.import_module("statekeep.testing")
+        rendered: set[str] = set()
+        for page in sorted(API_PAGE.parent.glob("*.md")):
+            blocks = documented_names(page.read_text(encoding="utf-8"))
+            if "statekeep.testing" in blocks:
+                block = blocks["statekeep.testing"]
+                rendered |= set(testing.__all__) if block is None else block
+        assert set(testing.__all__) - rendered == set()
 
     def test_changelog_records_every_name(self) -> None:
         """Each exported name appears in CHANGELOG.md."""
