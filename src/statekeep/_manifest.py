@@ -325,7 +325,9 @@ def verify(directory: Path) -> Manifest:
         if size != expected.size:
             raise CorruptStateError(f"{where} is {size} bytes, manifest says {expected.size}")
         if crc != expected.crc32:
-            raise CorruptStateError(f"{where} has CRC-32 {crc:08x}, manifest says {expected.crc32:08x}")
+            raise CorruptStateError(
+                f"{where} has CRC-32 {crc:08x}, manifest says {expected.crc32:08x}"
+            )
     if actual:
         extra = ", ".join(sorted(actual))
         raise CorruptStateError(f"state {directory} failed verification: unexpected {extra}")

@@ -58,7 +58,9 @@ def check_name(name: str, what: str = "name") -> None:
         if bad in name:
             raise ValueError(f"{what} {name!r} is not allowed: it contains {bad!r}")
     if name.startswith(_atomic.PRIVATE_DIR):
-        raise ValueError(f"{what} {name!r} is not allowed: names starting with .statekeep are reserved")
+        raise ValueError(
+            f"{what} {name!r} is not allowed: names starting with .statekeep are reserved"
+        )
 
 
 @dataclass(frozen=True)
