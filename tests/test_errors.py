@@ -86,3 +86,26 @@ class TestPickle:
         back = pickle.loads(pickle.dumps(error))
         assert (back.errno, back.filename) == (errno.ENOSPC, "/c/x.json")
         assert isinstance(back, OSError)
+
+
+class TestEveryError:
+    """Every error the module exports is a StatekeepError that pickles."""
+
+    @pytest.mark.parametrize("name", statekeep.errors.__all__)
+    def test_exported_error(self, name: str) -> None:
+        error_type = getattr(statekeep.errors, name)
+        assert issubclass(error_type, StatekeepError)
+        error = error_type("what failed and where")
+        back = pickle.loads(pickle.dumps(error))
+        assert type(back) is error_type
+        assert str(back) == str(error)
+
+    def test_validation_error_keeps_key_and_field(self) -> None:
+        from statekeep.errors import StateValidationError, StateVersionError
+
+        for error_type in (StateValidationError, StateVersionError):
+            error = error_type("stats.pages is not an int", key="crawler", field="stats.pages")
+            back = pickle.loads(pickle.dumps(error))
+            assert type(back) is error_type
+            assert (back.key, back.field, str(back)) == ("crawler", "stats.pages", str(error))
+            assert isinstance(back, ValueError)
