@@ -85,6 +85,25 @@ def read_raw(directory: Path, names: list[str]) -> None:
             f.read()
 
 
+def verified_read(directory: Path, names: list[str]) -> None:
+    """The least code that verifies then loads: parse the manifest, read and CRC each
+    file, compare, then read each file again as the component would."""
+    with open(directory / MANIFEST_NAME, "rb", buffering=0) as f:
+        expected = {e["path"]: e for e in json.loads(f.read())["files"]}
+    for cname in names:
+        with open(directory / cname, "rb", buffering=0) as f:
+            data = f.read()
+        if len(data) != expected[cname]["size"] or zlib.crc32(data) != expected[cname]["crc32"]:
+            raise ValueError(cname)
+    read_raw(directory, names)
+
+
+def read_crc(path: Path) -> None:
+    """Read a file once and CRC the bytes in memory (a verified read with one pass)."""
+    with open(path, "rb", buffering=0) as f:
+        zlib.crc32(f.read())
+
+
 def clear_dir(path: Path) -> None:
     for entry in os.scandir(path):
         if entry.name != ".statekeep":
@@ -166,6 +185,14 @@ def small_cases(tmp: Path, repeat: int) -> list[Case]:
     )
     cases.append(
         Case(
+            "min_verified_load",
+            "minimal verify-then-load (inline)",
+            lambda: timed(lambda: verified_read(saved, names), repeat),
+            baseline="raw_read_small",
+        )
+    )
+    cases.append(
+        Case(
             "sk_load_small",
             "StateStore.load_state 3x1 KB (verify=True)",
             lambda: timed(lambda: load_store.load_state(saved), repeat),
@@ -237,6 +264,20 @@ def large_cases(tmp: Path, sizes: list[int]) -> list[Case]:
 
         cases.append(
             Case(f"raw_read_{mb}", f"raw read {mb} MB (cold cache)", raw_read, nbytes=size)
+        )
+
+        def raw_read_crc(path: Path = raw_copy) -> float:
+            evict(path)
+            return timed(lambda: read_crc(path), 1)
+
+        cases.append(
+            Case(
+                f"raw_crc_{mb}",
+                f"raw read {mb} MB + crc32 in memory (cold)",
+                raw_read_crc,
+                baseline=f"raw_read_{mb}",
+                nbytes=size,
+            )
         )
         cases.append(
             Case(

@@ -15,6 +15,19 @@ from pathlib import Path
 
 
 def peak_kib() -> int:
+    """This process's peak RSS in KiB.
+
+    ``ru_maxrss`` survives ``exec``: a child of a big parent starts with the parent's
+    peak. The kernel's ``VmHWM`` (Linux) belongs to this process image alone, so it is
+    preferred where it exists.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 

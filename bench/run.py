@@ -89,7 +89,7 @@ def build_suites(tmp: Path, quick: bool, pamiq: tuple[str | None, str]) -> list[
     large = Suite(
         "One large component (writes fsynced; reads from a cold page cache)",
         large_cases(tmp, sizes),
-        2 if quick else 7,
+        2 if quick else 11,
     )
     ck_cases, ck_skipped = checkpoint_cases(
         tmp, {"1 KB": 1024, "1 MB": 1 << 20}, 20 if quick else 40
@@ -119,6 +119,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="statekeep-bench-", dir=args.dir) as name:
         tmp = Path(name)
         results: dict[str, Result] = {}
+        # First, while this process is still small (a child's ru_maxrss starts at ours).
+        memory = None if args.only else rss(tmp, 64 if args.quick else 256)
         suites = build_suites(tmp, args.quick, pamiq_python())
         for suite in suites:
             if args.only and not any(suite.title.startswith(p) for p in args.only.split(",")):
@@ -133,7 +135,6 @@ def main() -> int:
             print(suite_table(suite, res))
             for line in suite.skipped:
                 print(f"- {line}")
-        memory = None if args.only else rss(tmp, 64 if args.quick else 256)
     if memory is not None:
         print("\n## Peak memory of one large durable save (child process, ru_maxrss)\n")
         for mode, m in memory.items():
