@@ -186,6 +186,22 @@ class TestCleanup:
         assert sorted(removed) == made[:17]
         assert names(states_dir) == ["17.state", "18.state", "19.state"]
 
+    def test_a_pass_reclaims_dead_saves_but_not_live_ones(self, states_dir: Path) -> None:
+        private = _atomic.ensure_private(states_dir, durable=False)
+        dead = private / "0123456789abcdef.work"  # a killed save: nobody holds its lock
+        dead.mkdir()
+        (dead / "model.pt").write_bytes(b"half")
+        trash = private / "fedcba9876543210.trash"  # an interrupted removal
+        trash.mkdir()
+        live = _atomic.Work(private, is_dir=True)  # a save still running
+        try:
+            LatestStatesKeeper(states_dir, max_keep=5).cleanup()
+            assert not dead.exists()
+            assert not trash.exists()
+            assert live.path.is_dir()
+        finally:
+            live.discard()
+
 
 class TestBackground:
     """start() prunes in a daemon thread; stop() returns at once."""

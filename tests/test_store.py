@@ -342,7 +342,7 @@ class TestLoadLatest:
         os.utime(legacy, (future, future))
         with caplog.at_level(logging.WARNING, logger="statekeep"):
             assert store.load_latest_state() == good
-        assert f"skipping state {legacy}" in caplog.text
+        assert f"skipping state: state {legacy} has no manifest" in caplog.text
         assert "has no manifest" in caplog.text
 
     def test_none_verifies(self, states_dir: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -117,7 +117,8 @@ class TestTheSuiteCatchesBrokenBackends:
     """Each kind of broken backend fails the tests of the promise it breaks, and only those."""
 
     @pytest.fixture(scope="class")
-    def output(self, tmp_path_factory: pytest.TempPathFactory) -> str:
+    @classmethod
+    def output(cls, tmp_path_factory: pytest.TempPathFactory) -> str:
         folder = tmp_path_factory.mktemp("broken")
         (folder / "test_broken.py").write_text(BROKEN)
         run = subprocess.run(

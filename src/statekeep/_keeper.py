@@ -72,8 +72,11 @@ class LatestStatesKeeper:
     def cleanup(self) -> list[Path]:
         """Remove all but the newest ``max_keep`` matching states; return those removed.
 
-        A state that cannot be removed is logged and skipped; the others still go.
+        A state that cannot be removed is logged and skipped; the others still go. Each
+        pass also reclaims what killed saves left in the private folder (never a save
+        that is still running), so a long-lived process does not accumulate debris.
         """
+        _atomic.sweep(self.states_dir)
         states = scan_dirs(self.states_dir, self.state_name_pattern)
         removed: list[Path] = []
         for state in select_for_removal(states, self.max_keep):

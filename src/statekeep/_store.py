@@ -214,7 +214,8 @@ class StateStore:
                     raise scanned.problem
                 self.load_state(scanned.path, verify=True)
             except CorruptStateError as exc:
-                logger.warning("statekeep: skipping state %s: %s", scanned.path, exc)
+                # The error names the state and the file; say what we do about it.
+                logger.warning("statekeep: skipping state: %s; trying an older one", exc)
                 continue
             except FileNotFoundError:
                 continue  # pruned while we looked
