@@ -467,6 +467,42 @@ class TestAutosave:
         assert counts == sorted(counts)  # an older snapshot is never written after a newer one
         state.teardown()
 
+    def test_a_stale_snapshot_is_dropped_not_written_over_a_newer_one(self) -> None:
+        recording = RecordingStorage()
+        state = make(recording)
+        state.initialize()
+        at_gate, newer_written = threading.Event(), threading.Event()
+
+        class GatedLock:
+            """The write lock, but the 'older' thread waits at it until the newer write is done."""
+
+            def __init__(self, lock: Any) -> None:
+                self.lock = lock
+
+            def __enter__(self) -> None:
+                if threading.current_thread().name == "older":
+                    at_gate.set()
+                    assert newer_written.wait(WAIT)
+                self.lock.acquire()
+
+            def __exit__(self, *exc: object) -> None:
+                self.lock.release()
+
+        state._io_lock = GatedLock(state._io_lock)  # type: ignore[assignment]
+        with state.update() as value:
+            value.count = 1
+        older = threading.Thread(target=state.persist_state, name="older")
+        older.start()  # snapshots count=1, then waits at the write lock
+        assert at_gate.wait(WAIT)
+        with state.update() as value:
+            value.count = 2
+        state.persist_state()  # snapshots and writes count=2
+        newer_written.set()
+        older.join(WAIT)
+        assert [r["state"]["count"] for r in recording.saved] == [2]
+        assert recording.load(KEY) == {"schema_version": 1, "state": {"count": 2, "items": []}}
+        state.teardown()
+
 
 class TestDefaultStorage:
     """Without a storage, a FileCheckpointStorage in the default directory is used and closed."""
