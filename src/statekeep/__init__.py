@@ -6,8 +6,9 @@ default and verified on load; see the documentation for the guarantees.
 
 from __future__ import annotations
 
+from statekeep._context import ExecutionContext
 from statekeep._keeper import LatestStatesKeeper
-from statekeep._manager import ExecutionContext, StateManager
+from statekeep._manager import StateManager
 from statekeep._recoverable import RecoverableState
 from statekeep._store import PersistentStateMixin, StateInfo, StateStore
 from statekeep.errors import (

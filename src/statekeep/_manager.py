@@ -10,14 +10,14 @@ import inspect
 import logging
 import operator
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast, overload
-from uuid import UUID, uuid4
+from uuid import UUID
 
 import pydantic
-from typing_extensions import Self
 
+from statekeep._context import ExecutionContext
 from statekeep.errors import CorruptCheckpointError, StatekeepError, StorageError
 from statekeep.storage._base import CheckpointInfo, CheckpointStorage, session_key
 
@@ -29,32 +29,6 @@ ContextT = TypeVar("ContextT", bound=pydantic.BaseModel)
 
 _REQUIRED_FIELDS = ("session_id", "last_processed_row")
 _ids = operator.attrgetter(*_REQUIRED_FIELDS)
-
-
-class ExecutionContext(pydantic.BaseModel):
-    """Where a run is: its session, how many rows are done, and anything else to keep.
-
-    By convention ``last_processed_row`` counts the rows already done, so a resumed run
-    starts at that row; ``data`` holds anything else the run needs back (JSON-ready).
-    """
-
-    session_id: UUID = pydantic.Field(default_factory=uuid4)
-    last_processed_row: int = 0
-    total_rows: int | None = None
-    data: dict[str, Any] = pydantic.Field(default_factory=dict)
-
-    def to_checkpoint(self) -> dict[str, Any]:
-        """This context as a JSON-ready dict (UUIDs, datetimes and such as strings)."""
-        return self.model_dump(mode="json")
-
-    @classmethod
-    def from_checkpoint(cls, data: Mapping[str, Any]) -> Self:
-        """Rebuild a context from what :meth:`to_checkpoint` returned.
-
-        Raises:
-            pydantic.ValidationError: ``data`` does not describe a valid context.
-        """
-        return cls.model_validate(dict(data))
 
 
 @dataclass(frozen=True)
