@@ -12,12 +12,21 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
 from uuid import UUID
 
 import pydantic_core
+from typing_extensions import Self
 
-__all__ = ["CheckpointInfo", "CheckpointStorage", "decode", "encode", "session_key"]
+__all__ = [
+    "CheckpointInfo",
+    "CheckpointStorage",
+    "ClosingContext",
+    "decode",
+    "encode",
+    "session_key",
+]
 
 
 @runtime_checkable
@@ -63,6 +72,25 @@ class CheckpointInfo:
     timestamp: datetime
     size_bytes: int
     metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+class ClosingContext:
+    """What every bundled backend shares: ``with backend:`` closes it on the way out."""
+
+    def close(self) -> None:
+        """Release what the backend holds. Idempotent."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
 
 
 def session_key(session_id: str | UUID) -> str:

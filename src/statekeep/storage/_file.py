@@ -19,13 +19,12 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 from uuid import UUID
 
 from statekeep import _atomic
 from statekeep.errors import CorruptCheckpointError, StorageError
-from statekeep.storage._base import CheckpointInfo, decode, encode, session_key
+from statekeep.storage._base import CheckpointInfo, ClosingContext, decode, encode, session_key
 
 __all__ = ["FileCheckpointStorage", "file_name"]
 
@@ -119,7 +118,7 @@ def _parse_header(line: bytes) -> dict[str, Any]:
     return header
 
 
-class FileCheckpointStorage:
+class FileCheckpointStorage(ClosingContext):
     """Stores each session's checkpoint in its own file under ``checkpoint_dir``.
 
     Saves replace the file atomically (readers see the old checkpoint or the new one)
@@ -257,17 +256,6 @@ class FileCheckpointStorage:
     def close(self) -> None:
         """Mark the storage closed (it holds no open files). Idempotent."""
         self._closed = True
-
-    def __enter__(self) -> FileCheckpointStorage:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"FileCheckpointStorage({str(self.checkpoint_dir)!r}, durable={self.durable})"

@@ -5,16 +5,15 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping
 from datetime import datetime, timezone
-from types import TracebackType
 from typing import Any
 from uuid import UUID
 
-from statekeep.storage._base import CheckpointInfo, decode, encode, session_key
+from statekeep.storage._base import CheckpointInfo, ClosingContext, decode, encode, session_key
 
 __all__ = ["MemoryCheckpointStorage"]
 
 
-class MemoryCheckpointStorage:
+class MemoryCheckpointStorage(ClosingContext):
     """Keeps checkpoints in memory, behaving exactly like the persistent backends.
 
     Values are stored as the same JSON the other backends write, so what you get back
@@ -91,17 +90,6 @@ class MemoryCheckpointStorage:
         with self._lock:
             self._closed = True
             self._records.clear()
-
-    def __enter__(self) -> MemoryCheckpointStorage:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _now() -> datetime:

@@ -20,12 +20,11 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 from uuid import UUID
 
 from statekeep.errors import CorruptCheckpointError, StatekeepError, StorageError
-from statekeep.storage._base import CheckpointInfo, decode, encode, session_key
+from statekeep.storage._base import CheckpointInfo, ClosingContext, decode, encode, session_key
 
 __all__ = ["SCHEMA_VERSION", "SQLiteCheckpointStorage"]
 
@@ -44,7 +43,7 @@ CREATE TABLE checkpoints (
 """
 
 
-class SQLiteCheckpointStorage:
+class SQLiteCheckpointStorage(ClosingContext):
     """Keeps checkpoints in the SQLite database at ``path`` (created if missing).
 
     Args:
@@ -195,17 +194,6 @@ class SQLiteCheckpointStorage:
             conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
-
-    def __enter__(self) -> SQLiteCheckpointStorage:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"SQLiteCheckpointStorage({str(self.path)!r})"
