@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 from pathlib import Path
 
@@ -38,6 +39,8 @@ EXPECTED = {
     "StateVersionError",
     "StatekeepError",
     "StorageError",
+    "load_pickle",
+    "save_pickle",
 }
 
 _DIRECTIVE = re.compile(r"^:::\s*(?P<target>[\w.]+)\s*$")
@@ -115,7 +118,8 @@ class TestAll:
     @pytest.mark.parametrize("name", sorted(EXPECTED))
     def test_every_name_has_its_own_docstring(self, name: str) -> None:
         """Each exported object carries a docstring of its own (not one generated or inherited)."""
-        doc = vars(getattr(statekeep, name)).get("__doc__") or ""
+        obj = getattr(statekeep, name)
+        doc = (obj.__doc__ if inspect.isfunction(obj) else vars(obj).get("__doc__")) or ""
         assert doc.strip(), f"{name} has no docstring"
         assert not doc.startswith(f"{name}("), f"{name} only has the dataclass-generated docstring"
 

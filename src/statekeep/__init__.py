@@ -9,6 +9,7 @@ from __future__ import annotations
 from statekeep._context import ExecutionContext
 from statekeep._keeper import LatestStatesKeeper
 from statekeep._manager import StateManager
+from statekeep._pickle import load_pickle, save_pickle
 from statekeep._recoverable import RecoverableState
 from statekeep._store import PersistentStateMixin, StateInfo, StateStore
 from statekeep.errors import (
@@ -50,4 +51,6 @@ __all__ = [
     "StateVersionError",
     "StatekeepError",
     "StorageError",
+    "load_pickle",
+    "save_pickle",
 ]
