@@ -37,13 +37,27 @@ def state(states_dir: Path) -> Path:
     return commit(states_dir, FILES)
 
 
+def seal_v2(body: dict[str, object]) -> bytes:
+    """A version-2 manifest laid out unlike the writer's: the seal covers raw bytes."""
+    content = json.dumps(body, indent=2)[: -len("\n}")].encode() + b","
+    return content + b'\n "checksum": %d\n}\n' % zlib.crc32(content)
+
+
+def seal_v1(body: dict[str, object]) -> bytes:
+    """A version-1 manifest: checksum of the other fields, sorted, without whitespace."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return json.dumps({**body, "checksum": zlib.crc32(canonical)}, indent=1).encode()
+
+
 def rewrite_manifest(state: Path, change: dict[str, object], *, fix_checksum: bool) -> None:
     manifest = state / _manifest.MANIFEST_NAME
     body = json.loads(manifest.read_bytes())
     body.pop("checksum")
     body.update(change)
-    body["checksum"] = zlib.crc32(_manifest._canonical(body)) if fix_checksum else 1
-    manifest.write_text(json.dumps(body))
+    if fix_checksum:
+        manifest.write_bytes(seal_v2(body))
+    else:
+        manifest.write_text(json.dumps({**body, "checksum": 1}))
 
 
 class TestBuildDir:
@@ -117,14 +131,16 @@ class TestSequence:
         assert seqs == sorted(seqs)
         assert len(set(seqs)) == 3
 
-    def test_threads_get_distinct_numbers(self, states_dir: Path) -> None:
+    @pytest.mark.parametrize("held", [False, True], ids=["per-call", "held-open"])
+    def test_threads_get_distinct_numbers(self, states_dir: Path, held: bool) -> None:
         private = _atomic.ensure_private(states_dir, durable=False)
         got: list[int] = []
         lock = threading.Lock()
+        counter = _manifest.SequenceCounter(private)
 
         def take() -> None:
             for _ in range(25):
-                value = _manifest.next_sequence(private)
+                value = counter.next() if held else _manifest.next_sequence(private)
                 with lock:
                     got.append(value)
 
@@ -133,7 +149,33 @@ class TestSequence:
             thread.start()
         for thread in threads:
             thread.join(30)
+        counter.close()
         assert sorted(got) == list(range(1, 151))
+
+    def test_held_counter_shares_the_file(self, states_dir: Path) -> None:
+        private = _atomic.ensure_private(states_dir, durable=False)
+        counter = _manifest.SequenceCounter(private)
+        assert counter.next() == 1
+        assert _manifest.next_sequence(private) == 2  # another writer, its own open
+        assert counter.next() == 3
+        counter.close()
+        assert counter.next() == 4  # reopened
+        counter.close()
+
+    @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+    def test_forked_child_takes_its_own_lock(self, states_dir: Path) -> None:
+        private = _atomic.ensure_private(states_dir, durable=False)
+        counter = _manifest.SequenceCounter(private)
+        assert counter.next() == 1
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 0 if counter.next() == 2 and counter._fd != -1 else 1
+            counter.close()
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert counter.next() == 3
+        counter.close()
 
 
 class TestManifest:
@@ -153,6 +195,42 @@ class TestManifest:
                 "crc32": zlib.crc32(data),
             }
         assert files["buffer"]["type"] == "dir"
+
+    def test_sealed_by_its_last_line(self, state: Path) -> None:
+        raw = (state / _manifest.MANIFEST_NAME).read_bytes()
+        content, _, seal = raw.rpartition(b'\n "checksum": ')
+        assert seal == b"%d\n}\n" % zlib.crc32(content)
+
+    def test_reads_version_1(self, state: Path) -> None:
+        manifest = state / _manifest.MANIFEST_NAME
+        body = json.loads(manifest.read_bytes())
+        body.pop("checksum")
+        body["version"] = 1
+        manifest.write_bytes(seal_v1(body))
+        assert _manifest.verify(state).version == 1
+        body["sequence"] += 1  # an edit the version-1 checksum catches
+        manifest.write_text(
+            json.dumps({**body, "checksum": json.loads(seal_v1(body))["checksum"] ^ 1})
+        )
+        with pytest.raises(CorruptStateError, match="checksum does not match"):
+            _manifest.read_manifest(state)
+
+    def test_reads_version_2_in_any_layout(self, state: Path) -> None:
+        rewrite_manifest(state, {}, fix_checksum=True)
+        assert _manifest.verify(state).version == 2
+
+    def test_text_after_the_seal_is_refused(self, state: Path) -> None:
+        manifest = state / _manifest.MANIFEST_NAME
+        manifest.write_bytes(manifest.read_bytes() + b"\n")
+        with pytest.raises(CorruptStateError, match="checksum"):
+            _manifest.read_manifest(state)
+
+    def test_read_order(self, state: Path) -> None:
+        manifest = _manifest.read_manifest(state)
+        order = (manifest.created_at.timestamp(), manifest.sequence)
+        assert _manifest.read_order(str(state)) == order
+        rewrite_manifest(state, {}, fix_checksum=True)  # another layout: no fast order
+        assert _manifest.read_order(str(state)) is None
 
     def test_read_back(self, state: Path) -> None:
         manifest = _manifest.read_manifest(state)

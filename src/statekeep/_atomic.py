@@ -65,6 +65,24 @@ def ensure_private(root: Path, *, durable: bool) -> Path:
     return private
 
 
+_token_pid = -1
+_token_prefix = ""
+_token_count = itertools.count()
+
+
+def _token() -> str:
+    """A name unique among this folder's entries: per-process random prefix + a counter.
+
+    One ``getrandom`` per process rather than per entry; a forked child draws its own
+    prefix. A clash is still impossible to miss: entries are created with ``O_EXCL``.
+    """
+    global _token_pid, _token_prefix
+    pid = os.getpid()
+    if pid != _token_pid:
+        _token_prefix, _token_pid = secrets.token_hex(8), pid
+    return f"{_token_prefix}{next(_token_count):x}"
+
+
 class Work:
     """A locked entry of the private folder: a build directory or a temp file.
 
@@ -72,10 +90,10 @@ class Work:
     the lock and the next :func:`sweep` reclaims the entry.
     """
 
-    __slots__ = ("fd", "path")
+    __slots__ = ("fd", "spath")
 
-    def __init__(self, private: Path, *, is_dir: bool) -> None:
-        base = f"{private}/{secrets.token_hex(8)}"  # str paths: pathlib costs here add up
+    def __init__(self, private: str | os.PathLike[str], *, is_dir: bool) -> None:
+        base = f"{private}/{_token()}"  # str paths: pathlib costs here add up
         pending = f"{base}.pending"
         if is_dir:
             os.mkdir(pending)
@@ -89,10 +107,15 @@ class Work:
             os.rename(pending, work)
         except BaseException:
             os.close(fd)
-            remove_tree(Path(pending))
+            remove_tree(pending)
             raise
         self.fd = fd
-        self.path = Path(work)
+        self.spath = work
+
+    @property
+    def path(self) -> Path:
+        """The entry's path (``spath`` is the same as a ``str``)."""
+        return Path(self.spath)
 
     def release(self) -> None:
         """Drop the lock (after the entry was renamed into place or removed)."""
@@ -102,17 +125,17 @@ class Work:
 
     def discard(self) -> None:
         """Remove the entry, then drop the lock."""
-        remove_tree(self.path)
+        remove_tree(self.spath)
         self.release()
 
 
-def remove_tree(path: Path) -> None:
+def remove_tree(path: str | os.PathLike[str]) -> None:
     """Remove a file or a directory tree; a path that is already gone is fine."""
     try:
-        if path.is_dir() and not path.is_symlink():
+        if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path)
         else:
-            path.unlink()
+            os.unlink(path)
     except FileNotFoundError:
         pass
 
@@ -193,7 +216,7 @@ _renameat2 = _load_renameat2()
 _AT_FDCWD = -100
 
 
-def rename_noreplace(src: Path, dst: Path) -> None:
+def rename_noreplace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
     """Rename ``src`` to ``dst``; raise :class:`StateExistsError` if ``dst`` exists.
 
     Uses ``renameat2(RENAME_NOREPLACE)`` where the kernel offers it, so two writers
@@ -250,14 +273,14 @@ def replace_file(root: Path, final: Path, chunks: Iterable[bytes], *, durable: b
     survives power loss once this returns.
     """
     try:
-        work = Work(root / PRIVATE_DIR, is_dir=False)
+        work = Work(f"{root}/{PRIVATE_DIR}", is_dir=False)
     except FileNotFoundError:  # first use, or someone removed it: create, then retry
         work = Work(ensure_private(root, durable=durable), is_dir=False)
     try:
         write_all(work.fd, chunks)
         if durable:
             os.fsync(work.fd)
-        os.rename(work.path, final)
+        os.rename(work.spath, final)
     except BaseException:
         work.discard()
         raise

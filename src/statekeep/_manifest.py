@@ -6,29 +6,34 @@ its relative path, size and CRC-32. CRC-32 because ``zlib.crc32`` is in the stan
 library, runs at several GB/s (faster than the disk it guards) and catches every
 single-bit flip and every burst error up to 32 bits; a truncation is caught by the
 size first. It guards against accidents, not against an attacker.
+
+Format version 2 (written now) seals the manifest with the CRC-32 of its own bytes up
+to the closing ``"checksum"`` line; version 1 (still read) sealed it with the CRC-32
+of the other fields re-encoded canonically. Both lay the fields out alike.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import threading
+import re
 import zlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
 
-from statekeep import _atomic
+from statekeep import _atomic, _checksum
+from statekeep._sequence import SequenceCounter, next_sequence
 from statekeep.errors import CorruptStateError
+
+__all__ = ["BuildDir", "Entry", "Manifest", "SequenceCounter", "next_sequence", "verify"]
 
 MANIFEST_NAME = ".statekeep-manifest.json"
 FORMAT = "statekeep.state"
-FORMAT_VERSION = 1
-_FIRST = 64 << 10  # the first read: all of a small file
-_CHUNK = 4 << 20  # later reads, into one reused buffer
-_WILLNEED = getattr(os, "POSIX_FADV_WILLNEED", None)  # absent on macOS
-_PARALLEL_SYNC = 4 << 20  # above this size, fsync runs beside the checksum pass
+FORMAT_VERSION = 2
+_SEAL = b'\n "checksum": '  # the line that closes a manifest; CRC'd bytes end before it
+_encode_str = json.encoder.encode_basestring_ascii  # what json.dumps(str) does, in C
 
 
 @dataclass(frozen=True)
@@ -55,116 +60,44 @@ class Manifest:
         return sum(e.size for e in self.entries)
 
     def to_bytes(self) -> bytes:
-        created = self.created_at.isoformat()
-        files = [
-            {"path": e.path, "type": "dir"}
-            if e.is_dir
-            else {"path": e.path, "type": "file", "size": e.size, "crc32": e.crc32}
-            for e in self.entries
-        ]
-        body = {
-            "format": FORMAT,
-            "version": self.version,
-            "created_at": created,
-            "sequence": self.sequence,
-            "files": files,
-        }
-        checksum = zlib.crc32(_canonical(body))
-        # One line per file, laid out by hand: json.dumps(indent=...) would fall back to
+        """The manifest as written (always the current format version)."""
+        # Laid out by hand, one line per file: json.dumps(indent=...) would fall back to
         # the pure-Python encoder, which cost more than every syscall of a small save.
-        lines = ",\n".join(f"  {json.dumps(f)}" for f in files)
-        return (
-            f'{{\n "format": {json.dumps(FORMAT)},\n "version": {self.version},\n'
-            f' "created_at": {json.dumps(created)},\n "sequence": {self.sequence},\n'
-            f' "files": [\n{lines}\n ],\n "checksum": {checksum}\n}}\n'
+        lines = ",\n".join(
+            f'  {{"path": {_encode_str(e.path)}, "type": "dir"}}'
+            if e.is_dir
+            else f'  {{"path": {_encode_str(e.path)}, "type": "file",'
+            f' "size": {e.size}, "crc32": {e.crc32}}}'
+            for e in self.entries
+        )
+        body = (
+            f'{{\n "format": "{FORMAT}",\n "version": {FORMAT_VERSION},\n'
+            f' "created_at": "{self.created_at.isoformat()}",\n "sequence": {self.sequence},\n'
+            f' "files": [\n{lines}\n ],'
         ).encode()
+        return b"%s%s%d\n}\n" % (body, _SEAL, zlib.crc32(body))
 
 
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
 
 
 def _canonical(body: dict[str, object]) -> bytes:
+    """Version 1's sealed content: every field but the checksum, sorted, no whitespace."""
     return _CANONICAL.encode(body).encode()
 
 
-def _checksum_file(path: str, *, sync: bool) -> tuple[int, int]:
-    """Return (size, crc32) of a file, fsyncing it when ``sync``; one read pass.
-
-    A small file takes one read and no fstat: a short read of a regular file is its end.
-    """
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        head = os.read(fd, _FIRST)
-        if len(head) < _FIRST:
-            if sync:
-                os.fsync(fd)
-            return len(head), zlib.crc32(head)
-        return _checksum_rest(fd, head, sync=sync)
-    finally:
-        os.close(fd)
-
-
-def _checksum_rest(fd: int, head: bytes, *, sync: bool) -> tuple[int, int]:
-    """Finish :func:`_checksum_file` for a file larger than its first read."""
-    syncer = None
-    errors: list[BaseException] = []
-    if sync and os.fstat(fd).st_size >= _PARALLEL_SYNC:
-        # fsync and crc32 both release the GIL: overlap the disk flush with the read.
-        def flush() -> None:
-            try:
-                os.fsync(fd)
-            except BaseException as exc:  # pragma: no cover - surfaced below
-                errors.append(exc)
-
-        syncer = threading.Thread(target=flush, name="statekeep-fsync")
-        syncer.start()
-    if _WILLNEED is not None:
-        # Ask the kernel to read the rest ahead now, so the disk works while crc32 runs.
-        os.posix_fadvise(fd, len(head), 0, _WILLNEED)
-    crc = zlib.crc32(head)
-    read = len(head)
-    buf = bytearray(_CHUNK)  # one buffer, reused: no allocation (or page faults) per chunk
-    view = memoryview(buf)
-    while True:
-        got = os.readv(fd, [buf])
-        read += got
-        crc = zlib.crc32(view[:got], crc)
-        if got < _CHUNK:
-            break
-    if syncer is not None:
-        syncer.join()
-        if errors:
-            raise errors[0]
-    elif sync:
-        os.fsync(fd)
-    return read, crc
-
-
-def scan(root: str, rel: str = "") -> list[tuple[str, os.DirEntry[str]]]:
-    """List every entry below ``root`` (relative path, DirEntry), parents first."""
-    found: list[tuple[str, os.DirEntry[str]]] = []
-    with os.scandir(os.path.join(root, rel) if rel else root) as it:
-        entries = sorted(it, key=lambda e: e.name)
-    for entry in entries:
-        relpath = f"{rel}/{entry.name}" if rel else entry.name
-        found.append((relpath, entry))
-        if entry.is_dir(follow_symlinks=False):
-            found.extend(scan(root, relpath))
-    return found
-
-
-def build_manifest(directory: Path, *, sequence: int, durable: bool) -> Manifest:
+def build_manifest(directory: str | Path, *, sequence: int, durable: bool) -> Manifest:
     """Checksum (and with ``durable`` fsync) everything below ``directory``."""
     root = str(directory)
     entries: list[Entry] = []
-    for relpath, entry in scan(root):
+    for relpath, entry in _checksum.scan(root):
         if entry.is_dir(follow_symlinks=False):
             if durable:
                 _atomic.fsync_dir(entry.path)
-            entries.append(Entry(relpath, is_dir=True))
+            entries.append(Entry(relpath, True))
         elif entry.is_file(follow_symlinks=False):
-            size, crc = _checksum_file(entry.path, sync=durable)
-            entries.append(Entry(relpath, is_dir=False, size=size, crc32=crc))
+            size, crc = _checksum.checksum_file(entry.path, sync=durable)
+            entries.append(Entry(relpath, False, size, crc))
         else:
             raise ValueError(
                 f"{entry.path} is neither a regular file nor a directory;"
@@ -178,41 +111,56 @@ class BuildDir:
 
     Nothing inside it is visible in ``root`` until :meth:`commit` renames it into
     place. Leaving the ``with`` block without committing removes it.
+
+    Args:
+        root: the directory the build is committed into.
+        durable: fsync everything before and after the rename.
+        counter: the store's sequence counter (held open between saves); without one,
+            the counter file is opened for this commit only.
     """
 
-    def __init__(self, root: Path, *, durable: bool) -> None:
+    def __init__(
+        self, root: str | Path, *, durable: bool, counter: SequenceCounter | None = None
+    ) -> None:
         self.root = root
         self.durable = durable
-        self._private = root / _atomic.PRIVATE_DIR
+        self._private = f"{root}/{_atomic.PRIVATE_DIR}"
+        self._counter = counter
         try:
             self._work = _atomic.Work(self._private, is_dir=True)
         except FileNotFoundError:  # first use, or someone removed it: create, then retry
-            _atomic.ensure_private(root, durable=durable)
+            _atomic.ensure_private(Path(root), durable=durable)
+            if counter is not None:
+                counter.close()  # its file went with the folder: open the new one
             self._work = _atomic.Work(self._private, is_dir=True)
-        self.path = self._work.path
+        self.spath = self._work.spath
+        self.path = Path(self.spath)
 
-    def commit(self, final: Path) -> Manifest:
+    def commit(self, final: str | Path) -> Manifest:
         """Write the manifest, make everything durable, and rename to ``final``.
 
         Raises:
             StateExistsError: ``final`` already exists; it is left untouched.
         """
-        manifest = build_manifest(
-            self.path, sequence=next_sequence(self._private), durable=self.durable
-        )
-        fd = os.open(f"{self.path}/{MANIFEST_NAME}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        counter = self._counter
+        sequence = counter.next() if counter is not None else next_sequence(self._private)
+        manifest = build_manifest(self.spath, sequence=sequence, durable=self.durable)
+        fd = os.open(f"{self.spath}/{MANIFEST_NAME}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            _atomic.write_all(fd, [manifest.to_bytes()])
+            data = manifest.to_bytes()
+            done = os.write(fd, data)  # one write; write_all only for a short one
+            if done < len(data):
+                _atomic.write_all(fd, [memoryview(data)[done:]])
             if self.durable:
                 os.fsync(fd)
         finally:
             os.close(fd)
         if self.durable:
             os.fsync(self._work.fd)  # the build directory itself
-        _atomic.rename_noreplace(self.path, final)
+        _atomic.rename_noreplace(self.spath, final)
         self._work.release()
         if self.durable:
-            _atomic.fsync_dir(final.parent)
+            _atomic.fsync_dir(os.path.dirname(final) or ".")
         return manifest
 
     def abort(self) -> None:
@@ -231,48 +179,13 @@ class BuildDir:
         self.abort()
 
 
-def next_sequence(private: Path) -> int:
-    """Return the next number of the store's counter (shared by threads and processes)."""
-    fd = os.open(f"{private}/sequence", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        if _atomic.fcntl is not None:
-            _atomic.fcntl.flock(fd, _atomic.fcntl.LOCK_EX)
-        raw = os.pread(fd, 32, 0).strip()
-        value = (int(raw) if raw.isdigit() else 0) + 1
-        os.pwrite(fd, b"%20d\n" % value, 0)
-        return value
-    finally:
-        os.close(fd)
-
-
-def _read_all(path: str) -> bytes:
-    """The whole of a small file in as few syscalls as can be (open, read, close)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        chunks = [os.read(fd, _FIRST)]
-        while len(chunks[-1]) == _FIRST:
-            chunks.append(os.read(fd, _FIRST))
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
-def read_manifest(directory: Path) -> Manifest:
-    """Parse the manifest of ``directory``.
+def parse(raw: bytes, where: str) -> Manifest:
+    """Parse and check the bytes of a manifest; ``where`` names it in errors.
 
     Raises:
-        FileNotFoundError: ``directory`` does not exist.
-        CorruptStateError: the manifest is missing, malformed or from a newer format.
+        CorruptStateError: the manifest is malformed, fails its checksum, or is from a
+            newer format.
     """
-    path = directory / MANIFEST_NAME
-    try:
-        raw = _read_all(str(path))
-    except (FileNotFoundError, NotADirectoryError):
-        if not directory.is_dir():
-            raise FileNotFoundError(f"state {directory} does not exist") from None
-        raise CorruptStateError(f"state {directory} has no manifest ({path} is missing)") from None
-    except IsADirectoryError:
-        raise CorruptStateError(f"state {directory}: manifest {path} is a directory") from None
     try:
         body = json.loads(raw)
         if not isinstance(body, dict) or body.get("format") != FORMAT:
@@ -280,16 +193,27 @@ def read_manifest(directory: Path) -> Manifest:
         version = body["version"]
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise CorruptStateError(
-                f"state {directory}: manifest {path} has format version {version!r};"
+                f"{where} has format version {version!r};"
                 f" this statekeep reads versions up to {FORMAT_VERSION}"
             )
         checksum = body.pop("checksum")
-        if zlib.crc32(_canonical(body)) != checksum:
+        if not isinstance(checksum, int):
+            raise ValueError("its checksum is not an integer")
+        if version >= 2:
+            # The seal is the last line: its CRC covers the raw bytes before it, so a
+            # read needs no re-encoding. Anything after it (or a different seal) fails.
+            end = raw.rfind(_SEAL)
+            if end < 0 or raw[end:] != b"%s%d\n}\n" % (_SEAL, checksum):
+                raise ValueError("its checksum does not match its content (no seal at its end)")
+            content = raw[:end]
+        else:
+            content = _canonical(body)
+        if zlib.crc32(content) != checksum:
             raise ValueError("its checksum does not match its content")
         entries = tuple(
-            Entry(f["path"], is_dir=True)
+            Entry(f["path"], True)
             if f["type"] == "dir"
-            else Entry(f["path"], is_dir=False, size=int(f["size"]), crc32=int(f["crc32"]))
+            else Entry(f["path"], False, int(f["size"]), int(f["crc32"]))
             for f in body["files"]
         )
         created_at = datetime.fromisoformat(body["created_at"])
@@ -297,38 +221,94 @@ def read_manifest(directory: Path) -> Manifest:
     except CorruptStateError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise CorruptStateError(f"state {directory}: manifest {path} is malformed: {exc}") from exc
+        raise CorruptStateError(f"{where} is malformed: {exc}") from exc
 
 
-def verify(directory: Path) -> Manifest:
+def read_manifest(directory: str | Path) -> Manifest:
+    """Parse the manifest of ``directory``.
+
+    Raises:
+        FileNotFoundError: ``directory`` does not exist.
+        CorruptStateError: the manifest is missing, malformed or from a newer format.
+    """
+    path = f"{directory}/{MANIFEST_NAME}"
+    try:
+        raw = _checksum.read_all(path)
+    except (FileNotFoundError, NotADirectoryError):
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"state {directory} does not exist") from None
+        raise CorruptStateError(f"state {directory} has no manifest ({path} is missing)") from None
+    except IsADirectoryError:
+        raise CorruptStateError(f"state {directory}: manifest {path} is a directory") from None
+    return parse(raw, f"state {directory}: manifest {path}")
+
+
+_HEADER = re.compile(
+    rb'\{\n "format": "statekeep\.state",\n "version": \d+,\n'
+    rb' "created_at": "([^"\\]+)",\n "sequence": (\d+),\n'
+)
+
+
+def read_order(directory: str) -> tuple[float, int] | None:
+    """(created_at as a timestamp, sequence) from the head of ``directory``'s manifest.
+
+    Only orders states: it reads the first 512 bytes and checks nothing else, so a
+    caller must still :func:`read_manifest` the state it picks. None when the head is
+    not laid out as statekeep writes it (missing, damaged, or written otherwise).
+    """
+    try:
+        fd = os.open(f"{directory}/{MANIFEST_NAME}", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        head = os.read(fd, 512)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    match = _HEADER.match(head)
+    if match is None:
+        return None
+    try:
+        created = datetime.fromisoformat(match[1].decode("ascii"))
+    except ValueError:
+        return None
+    return created.timestamp(), int(match[2])
+
+
+def verify(directory: str | Path) -> Manifest:
     """Check ``directory`` against its manifest: same paths, sizes and checksums.
 
     Raises:
         FileNotFoundError: ``directory`` does not exist.
         CorruptStateError: anything differs; the message names the state and the file.
     """
-    manifest = read_manifest(directory)
-    root = str(directory)
-    actual = {rel: entry for rel, entry in scan(root) if rel != MANIFEST_NAME}
+    root = os.fspath(directory)
+    manifest = read_manifest(root)
+    actual = _checksum.kinds(root, MANIFEST_NAME)
     for expected in manifest.entries:
-        entry = actual.pop(expected.path, None)
-        where = f"state {directory} failed verification: {expected.path}"
-        if entry is None:
+        kind = actual.pop(expected.path, None)
+        if kind == 1 and not expected.is_dir:  # the common case first: a file to check
+            try:
+                size, crc = _checksum.checksum_file(f"{root}/{expected.path}", sync=False)
+            except FileNotFoundError:
+                kind = None  # removed since the scan
+            else:
+                if size == expected.size and crc == expected.crc32:
+                    continue
+        elif kind == 2 and expected.is_dir:
+            continue
+        where = f"state {root} failed verification: {expected.path}"
+        if kind is None:
             raise CorruptStateError(f"{where} is missing")
         if expected.is_dir:
-            if not entry.is_dir(follow_symlinks=False):
-                raise CorruptStateError(f"{where} should be a directory")
-            continue
-        if not entry.is_file(follow_symlinks=False):
+            raise CorruptStateError(f"{where} should be a directory")
+        if kind != 1:
             raise CorruptStateError(f"{where} should be a regular file")
-        size, crc = _checksum_file(entry.path, sync=False)
         if size != expected.size:
             raise CorruptStateError(f"{where} is {size} bytes, manifest says {expected.size}")
-        if crc != expected.crc32:
-            raise CorruptStateError(
-                f"{where} has CRC-32 {crc:08x}, manifest says {expected.crc32:08x}"
-            )
+        raise CorruptStateError(f"{where} has CRC-32 {crc:08x}, manifest says {expected.crc32:08x}")
     if actual:
         extra = ", ".join(sorted(actual))
-        raise CorruptStateError(f"state {directory} failed verification: unexpected {extra}")
+        raise CorruptStateError(f"state {root} failed verification: unexpected {extra}")
     return manifest

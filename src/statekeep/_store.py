@@ -111,6 +111,44 @@ def scan_dirs(states_dir: Path, match: str | None = None) -> list[Scanned]:
     return found
 
 
+def newest_committed(root: str) -> Path | None:
+    """The newest directory of ``root`` with a valid manifest (as :func:`scan_dirs` orders).
+
+    Orders by the head of each manifest only (no full parse of every one), then reads
+    the candidates' whole manifests newest first until one is valid: the answer is the
+    same as the last of a full scan's states that have a manifest.
+    """
+    heads: list[tuple[float, int, str]] = []
+    rest: list[str] = []  # manifests whose head is not laid out as statekeep writes it
+    try:
+        it = os.scandir(root)
+    except FileNotFoundError:
+        return None
+    with it:
+        for entry in it:
+            if entry.name == _atomic.PRIVATE_DIR or not entry.is_dir(follow_symlinks=False):
+                continue
+            order = _manifest.read_order(entry.path)
+            if order is None:
+                rest.append(entry.name)
+            else:
+                heads.append((order[0], order[1], entry.name))
+    for name in rest:  # rare: parse these fully to place them
+        try:
+            m = _manifest.read_manifest(f"{root}/{name}")
+        except (CorruptStateError, FileNotFoundError):
+            continue
+        heads.append((m.created_at.timestamp(), m.sequence, name))
+    heads.sort()
+    for *_, name in reversed(heads):
+        try:
+            _manifest.read_manifest(f"{root}/{name}")
+        except (CorruptStateError, FileNotFoundError):
+            continue
+        return Path(root, name)
+    return None
+
+
 class StateStore:
     """Saves registered components into timestamped, atomically committed directories.
 
@@ -132,6 +170,8 @@ class StateStore:
         self.durable = durable
         self._states: dict[str, PersistentStateMixin] = {}
         self._lock = threading.Lock()
+        self._root = str(self.states_dir)
+        self._counter = _manifest.SequenceCounter(f"{self._root}/{_atomic.PRIVATE_DIR}")
         _atomic.ensure_private(self.states_dir, durable=durable)
         _atomic.sweep(self.states_dir)
 
@@ -162,14 +202,14 @@ class StateStore:
         """
         name = datetime.now().strftime(self.state_name_format)
         check_name(name, "state_name_format produced")
-        final = self.states_dir / name
+        final = f"{self._root}/{name}"  # str until the end: pathlib costs add up here
         if os.path.lexists(final):
-            raise StateExistsError(17, f"state {final} already exists", str(final))
-        with _manifest.BuildDir(self.states_dir, durable=self.durable) as build:
+            raise StateExistsError(17, f"state {final} already exists", final)
+        with _manifest.BuildDir(self._root, durable=self.durable, counter=self._counter) as b:
             for component, state in self._components():
-                state.save_state(build.path / component)
-            build.commit(final)
-        return final
+                state.save_state(b.path / component)
+            b.commit(final)
+        return self.states_dir / name
 
     def load_state(self, state_path: str | Path, *, verify: bool = True) -> None:
         """Restore every registered component from ``state_path``.
@@ -178,11 +218,12 @@ class StateStore:
             FileNotFoundError: ``state_path`` does not exist.
             CorruptStateError: with ``verify``, the state does not match its manifest.
         """
-        path = Path(state_path)
+        root = os.fspath(state_path)  # str for our own reads; Path only for components
         if verify:
-            _manifest.verify(path)  # raises FileNotFoundError itself: no stat needed first
-        elif not path.is_dir():
-            raise FileNotFoundError(f"state {path} does not exist")
+            _manifest.verify(root)  # raises FileNotFoundError itself: no stat needed first
+        elif not os.path.isdir(root):
+            raise FileNotFoundError(f"state {root} does not exist")
+        path = Path(root)
         for component, state in self._components():
             state.load_state(path / component)
 
@@ -200,8 +241,7 @@ class StateStore:
 
     def latest_state(self) -> Path | None:
         """The newest committed state, or None."""
-        states = self.list_states()
-        return states[-1].path if states else None
+        return newest_committed(self._root)
 
     def load_latest_state(self) -> Path | None:
         """Load the newest state that verifies; return its path, or None if none does.
