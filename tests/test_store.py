@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
+import zlib
 from datetime import timezone
 from pathlib import Path
 
@@ -295,6 +297,29 @@ class TestListing:
         (states_dir / "legacy.state").mkdir()
         (states_dir / _atomic.PRIVATE_DIR / "x.work").mkdir()
         assert [i.path for i in store.list_states()] == [path]
+        assert store.latest_state() == path
+
+    def test_latest_skips_a_newer_state_whose_manifest_fails(self, states_dir: Path) -> None:
+        store, *_ = make_store(states_dir)
+        older, newer = store.save_state(), store.save_state()
+        manifest = newer / _manifest.MANIFEST_NAME
+        raw = manifest.read_bytes()
+        manifest.write_bytes(raw.replace(b'"size": 1,', b'"size": 9,', 1))  # head intact
+        assert _manifest.read_order(str(newer)) is not None
+        assert store.latest_state() == older == store.list_states()[-1].path
+
+    def test_latest_places_a_manifest_in_another_layout(self, states_dir: Path) -> None:
+        store, *_ = make_store(states_dir)
+        older, newer = store.save_state(), store.save_state()
+        manifest = newer / _manifest.MANIFEST_NAME
+        body = json.loads(manifest.read_bytes())
+        body.pop("checksum")
+        content = json.dumps(body, indent=4)[: -len("\n}")].encode() + b","
+        manifest.write_bytes(content + b'\n "checksum": %d\n}\n' % zlib.crc32(content))
+        assert _manifest.read_order(str(newer)) is None  # ordered by a full parse instead
+        assert store.latest_state() == newer
+        (older / _manifest.MANIFEST_NAME).unlink()
+        assert store.latest_state() == newer
 
 
 class TestLoadLatest:
