@@ -290,7 +290,9 @@ def verify(directory: str | Path) -> Manifest:
         kind = actual.pop(expected.path, None)
         if kind == 1 and not expected.is_dir:  # the common case first: a file to check
             try:
-                size, crc = _checksum.checksum_file(f"{root}/{expected.path}", sync=False)
+                size, crc = _checksum.checksum_file(
+                    f"{root}/{expected.path}", sync=False, expect=expected.size
+                )
             except FileNotFoundError:
                 kind = None  # removed since the scan
             else:
