@@ -20,10 +20,10 @@ import statekeep.storage
 Memory = getattr(statekeep, "MemoryCheckpointStorage", statekeep.storage.MemoryCheckpointStorage)
 
 ONDINE_SKIP = (
-    "ondine 2.1.1 skipped: `import ondine.adapters.checkpoint_storage` runs ondine/__init__.py,"
-    " which imports pandas, polars, litellm, anthropic, tiktoken … (its required dependencies,"
-    " hundreds of MB); it is not a bench dependency. Compared instead with an inline"
-    " ondine-style save (json.dumps + gzip level 1 to the final path, no fsync, no rename)"
+    "ondine 2.1.1 skipped: `import ondine.adapters.checkpoint_storage` failed (the `bench`"
+    " dependency group installs it with pandas, polars, litellm … ; outside `nox -s bench`"
+    " it may be missing). Compared instead with an inline ondine-style save (json.dumps +"
+    " gzip level 1 to the final path, no fsync, no rename)"
 )
 
 

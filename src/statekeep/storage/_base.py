@@ -138,7 +138,8 @@ def encode(what: str, key: str, value: Mapping[str, Any] | None) -> bytes:
 
 def decode(raw: bytes | str) -> dict[str, Any]:
     """Parse JSON written by :func:`encode`."""
-    value = json.loads(raw)
+    # A str skips json's encoding sniffing of bytes; encode() always writes UTF-8.
+    value = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
     if not isinstance(value, dict):
         raise ValueError(f"expected a JSON object, found {type(value).__name__}")
     return value

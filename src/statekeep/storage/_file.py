@@ -23,6 +23,7 @@ from typing import Any
 from uuid import UUID
 
 from statekeep import _atomic
+from statekeep._checksum import read_all
 from statekeep.errors import CorruptCheckpointError, StorageError
 from statekeep.storage._base import CheckpointInfo, ClosingContext, decode, encode, session_key
 
@@ -168,12 +169,12 @@ class FileCheckpointStorage(ClosingContext):
             StorageError: the file could not be read.
         """
         key, path = self._path(session_id)
-        with _os_errors("read checkpoint", path):
-            try:
-                with open(path, "rb") as fh:
-                    raw = fh.read()
-            except FileNotFoundError:
-                return None
+        try:
+            raw = read_all(str(path))  # open, read, close: no buffered-file machinery
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StorageError(exc.errno, f"could not read checkpoint {path}: {exc}") from exc
         try:
             return self._parse(key, raw)
         except _Bad as exc:
