@@ -15,19 +15,17 @@ generation number and :func:`check_value` tells a whole value from a mix of two.
 
 from __future__ import annotations
 
-import os
 import random
 import sys
-import traceback
 import zlib
 from typing import Any
 
+try:  # imported by the tests as part of the crashworkers package
+    from crashworkers._zygote import emit, serve
+except ImportError:  # run as a script, with this folder on sys.path
+    from _zygote import emit, serve  # type: ignore[no-redef]
+
 SESSION = "crash"
-
-
-def emit(line: str) -> None:
-    """Write one line to stdout in one system call (atomic for short lines on a pipe)."""
-    os.write(1, (line + "\n").encode())
 
 
 def make_value(gen: int, size: int) -> dict[str, Any]:
@@ -75,23 +73,7 @@ def save_loop(backend: str, path: str, base: int, seed: int, durable: bool) -> N
 def zygote(backend: str, path: str) -> None:
     import statekeep.storage  # noqa: F401  (imported once, before forking)
 
-    for line in sys.stdin:
-        cmd = line.split()
-        if not cmd or cmd[0] == "quit":
-            return
-        base, seed, durable = int(cmd[1]), int(cmd[2]), cmd[3] == "1"
-        pid = os.fork()
-        if pid == 0:  # the child: save until killed
-            code = 0
-            try:
-                save_loop(backend, path, base, seed, durable)
-            except BaseException:
-                traceback.print_exc()
-                code = 3
-            os._exit(code)
-        emit(f"pid {pid}")
-        _, status = os.waitpid(pid, 0)
-        emit(f"exit {pid} {status}")
+    serve(lambda base, seed, durable: save_loop(backend, path, base, seed, durable))
 
 
 def writer(backend: str, path: str, session: str, who: int, count: int) -> None:

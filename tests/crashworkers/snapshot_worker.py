@@ -24,18 +24,17 @@ from __future__ import annotations
 import os
 import random
 import sys
-import traceback
 from pathlib import Path
+
+try:  # imported by the tests as part of the crashworkers package
+    from crashworkers._zygote import emit, serve
+except ImportError:  # run as a script, with this folder on sys.path
+    from _zygote import emit, serve  # type: ignore[no-redef]
 
 # Top-level names a complete state holds ("empty" writes nothing).
 EXPECTED = frozenset({"big", "model.optim.pt", "model.pt", "small", "tree"})
 MANIFEST = ".statekeep-manifest.json"
 _CHUNK = 64 * 1024
-
-
-def emit(line: str) -> None:
-    """Write one line to stdout in one system call (atomic for short lines on a pipe)."""
-    os.write(1, (line + "\n").encode())
 
 
 def payload(gen: int, size: int) -> bytes:
@@ -123,23 +122,7 @@ def save_loop(states_dir: str, base: int, seed: int, durable: bool, count: int) 
 def zygote(states_dir: str) -> None:
     import statekeep._store  # noqa: F401  (imported once, before forking)
 
-    for line in sys.stdin:
-        cmd = line.split()
-        if not cmd or cmd[0] == "quit":
-            return
-        base, seed, durable = int(cmd[1]), int(cmd[2]), cmd[3] == "1"
-        pid = os.fork()
-        if pid == 0:  # the child: save until killed
-            code = 0
-            try:
-                save_loop(states_dir, base, seed, durable, 100_000)
-            except BaseException:
-                traceback.print_exc()
-                code = 3
-            os._exit(code)
-        emit(f"pid {pid}")
-        _, status = os.waitpid(pid, 0)
-        emit(f"exit {pid} {status}")
+    serve(lambda base, seed, durable: save_loop(states_dir, base, seed, durable, 100_000))
 
 
 def writer(states_dir: str, tag: str, count: int, base: int) -> None:
