@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import random
@@ -122,6 +123,9 @@ def main() -> int:
         # First, while this process is still small (a child's ru_maxrss starts at ours).
         memory = None if args.only else rss(tmp, 64 if args.quick else 256)
         suites = build_suites(tmp, args.quick, pamiq_python())
+        # A peer's import (ondine's) configures the root logger to print INFO; statekeep's
+        # per-removal INFO lines would then be formatted and printed inside timed cleanups.
+        logging.getLogger("statekeep").setLevel(logging.WARNING)
         for suite in suites:
             if args.only and not any(suite.title.startswith(p) for p in args.only.split(",")):
                 for case in suite.cases:
