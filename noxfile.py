@@ -43,6 +43,7 @@ def crash(session: nox.Session) -> None:
         "crash",
         "-p",
         "no:cacheprovider",
+        "--timeout=1800",  # the snapshot campaign alone runs ~3 minutes here
         *session.posargs,
         env={"STATEKEEP_CRASH_CAMPAIGN": "long"},
     )
