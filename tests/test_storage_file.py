@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from conftest import WORKERS
 from crashworkers.checkpoint_worker import check_value
@@ -128,6 +130,23 @@ class TestFileNames:
                 assert unescape(stem) == key
                 decoded += 1
         assert decoded == len(AWKWARD_IDS) - 3  # the three long ids are hashed
+
+    @given(
+        st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), min_size=1)
+    )
+    def test_any_id_gets_a_safe_name_that_decodes_back(self, key: str) -> None:
+        name = file_name(key)
+        stem = name.removesuffix(SUFFIX)
+        assert len(name.encode()) <= 255
+        assert set(stem) <= set("abcdefghijklmnopqrstuvwxyz0123456789_-%.")
+        assert stem.split(".")[0] not in WINDOWS_DEVICES
+        if "." not in stem:  # not hashed: the name alone gives the id back
+            assert unescape(stem) == key
+
+    @given(st.lists(st.text(min_size=1, max_size=80).filter(lambda k: "\0" not in k), min_size=2))
+    def test_distinct_ids_never_share_a_name_even_ignoring_case(self, keys: list[str]) -> None:
+        keys = [k for k in dict.fromkeys(keys) if not any(0xD800 <= ord(c) <= 0xDFFF for c in k)]
+        assert len({file_name(k).lower() for k in keys}) == len(keys)
 
     def test_plain_ids_keep_their_name(self) -> None:
         assert file_name("run-2024_01") == "run-2024_01.ckpt"
