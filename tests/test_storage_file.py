@@ -6,8 +6,6 @@ import json
 import logging
 import os
 import re
-import subprocess
-import sys
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,8 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import WORKERS
-from crashworkers.checkpoint_worker import check_value
+from crashworkers.checkpoint_worker import check_value, run_writers
 from statekeep import CorruptCheckpointError, FileCheckpointStorage, StorageError
 from statekeep._atomic import PRIVATE_DIR
 from statekeep.storage._file import SUFFIX, file_name
@@ -358,29 +355,9 @@ class TestProcesses:
 
     def test_concurrent_process_writers(self, tmp_path: Path, worker_env: dict[str, str]) -> None:
         count, writers = 40, 4
-        procs = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    str(WORKERS / "checkpoint_worker.py"),
-                    "writer",
-                    "file",
-                    str(tmp_path / "ckpt"),
-                    "shared",
-                    str(who),
-                    str(count),
-                ],
-                stdout=subprocess.PIPE,
-                env=worker_env,
-                text=True,
-            )
-            for who in range(writers)
-        ]
-        outputs = []
-        for proc in procs:
-            out, _ = proc.communicate(timeout=120)
-            outputs.append(out.strip())
-            assert proc.returncode == 0
+        outputs = run_writers(
+            "file", str(tmp_path / "ckpt"), ["shared"] * writers, count, worker_env
+        )
         assert sorted(outputs) == [f"done {who}" for who in range(writers)]
         with FileCheckpointStorage(tmp_path / "ckpt") as storage:
             gen = check_value(storage.load("shared"))

@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 import re
 import sqlite3
-import subprocess
-import sys
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import closing
@@ -14,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import WORKERS
-from crashworkers.checkpoint_worker import check_value
+from crashworkers.checkpoint_worker import check_value, run_writers
 from statekeep import CorruptCheckpointError, SQLiteCheckpointStorage, StorageError
 from statekeep.storage._sqlite import SCHEMA_VERSION
 from statekeep.testing import PersistentCheckpointStorageContract
@@ -157,29 +154,7 @@ class TestProcesses:
     def test_concurrent_process_writers(self, db: Path, worker_env: dict[str, str]) -> None:
         count, writers = 40, 4
         SQLiteCheckpointStorage(db).close()
-        procs = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    str(WORKERS / "checkpoint_worker.py"),
-                    "writer",
-                    "sqlite",
-                    str(db),
-                    "shared",
-                    str(who),
-                    str(count),
-                ],
-                stdout=subprocess.PIPE,
-                env=worker_env,
-                text=True,
-            )
-            for who in range(writers)
-        ]
-        outputs = []
-        for proc in procs:
-            out, _ = proc.communicate(timeout=120)
-            outputs.append(out.strip())
-            assert proc.returncode == 0
+        outputs = run_writers("sqlite", str(db), ["shared"] * writers, count, worker_env)
         assert sorted(outputs) == [f"done {who}" for who in range(writers)]
         with SQLiteCheckpointStorage(db) as storage:
             gen = check_value(storage.load("shared"))
@@ -189,27 +164,8 @@ class TestProcesses:
     def test_processes_creating_the_database_at_once(
         self, db: Path, worker_env: dict[str, str]
     ) -> None:
-        procs = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    str(WORKERS / "checkpoint_worker.py"),
-                    "writer",
-                    "sqlite",
-                    str(db),
-                    f"session-{who}",
-                    str(who),
-                    "3",
-                ],
-                stdout=subprocess.PIPE,
-                env=worker_env,
-                text=True,
-            )
-            for who in range(4)
-        ]
-        for proc in procs:
-            proc.communicate(timeout=120)
-            assert proc.returncode == 0
+        sessions = [f"session-{who}" for who in range(4)]
+        run_writers("sqlite", str(db), sessions, 3, worker_env)
         with SQLiteCheckpointStorage(db) as storage:
             for who in range(4):
                 assert check_value(storage.load(f"session-{who}")) == who * 1_000_000 + 2

@@ -83,6 +83,32 @@ def writer(backend: str, path: str, session: str, who: int, count: int) -> None:
     emit(f"done {who}")
 
 
+def run_writers(
+    backend: str, path: str, sessions: list[str], count: int, env: dict[str, str]
+) -> list[str]:
+    """Run one ``writer`` process per session (writer ``i`` saves ``sessions[i]``) at once.
+
+    Returns what each printed; raises if one failed.
+    """
+    import subprocess
+
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "writer", backend, path, session, str(who), str(count)],
+            stdout=subprocess.PIPE,
+            env=env,
+            text=True,
+        )
+        for who, session in enumerate(sessions)
+    ]
+    outputs = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, f"writer {proc.args} exited {proc.returncode}"
+        outputs.append(out.strip())
+    return outputs
+
+
 if __name__ == "__main__":
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "zygote":
