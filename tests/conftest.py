@@ -72,3 +72,16 @@ def worker_env() -> dict[str, str]:
     }
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def commit(states_dir: Path, files: dict[str, bytes], name: str = "a.state", **kw: bool) -> Path:
+    """Commit ``files`` (relative path -> bytes) as a state named ``name``; return its path."""
+    from statekeep import _commit
+
+    with _commit.BuildDir(states_dir, durable=kw.get("durable", True)) as build:
+        for rel, data in files.items():
+            path = build.path / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        build.commit(states_dir / name)
+    return states_dir / name

@@ -1,17 +1,17 @@
-"""Committing a directory with a manifest, and verifying it against every kind of damage."""
+"""The manifest: its format, and verification against every kind of damage."""
 
 from __future__ import annotations
 
 import json
 import os
-import threading
 import zlib
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
-from statekeep import CorruptStateError, StateExistsError, _atomic, _manifest
+from conftest import commit
+from statekeep import CorruptStateError, _manifest
 
 FILES = {
     "model.pt": b"weights" * 100,
@@ -20,16 +20,6 @@ FILES = {
     "buffer/nested/part1": b"",
     "step": b"42",
 }
-
-
-def commit(states_dir: Path, files: dict[str, bytes], name: str = "a.state", **kw: bool) -> Path:
-    with _manifest.BuildDir(states_dir, durable=kw.get("durable", True)) as build:
-        for rel, data in files.items():
-            path = build.path / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
-        build.commit(states_dir / name)
-    return states_dir / name
 
 
 @pytest.fixture
@@ -58,124 +48,6 @@ def rewrite_manifest(state: Path, change: dict[str, object], *, fix_checksum: bo
         manifest.write_bytes(seal_v2(body))
     else:
         manifest.write_text(json.dumps({**body, "checksum": 1}))
-
-
-class TestBuildDir:
-    """A build is private until commit renames it into place, manifest and all."""
-
-    @pytest.mark.parametrize("durable", [True, False])
-    def test_commit(self, states_dir: Path, durable: bool) -> None:
-        with _manifest.BuildDir(states_dir, durable=durable) as build:
-            (build.path / "a").write_bytes(b"abc")
-            (build.path / "d").mkdir()
-            assert os.listdir(states_dir) == [_atomic.PRIVATE_DIR]
-            manifest = build.commit(states_dir / "x.state")
-        final = states_dir / "x.state"
-        assert sorted(os.listdir(final)) == [_manifest.MANIFEST_NAME, "a", "d"]
-        assert not build.path.exists()
-        assert os.listdir(states_dir / _atomic.PRIVATE_DIR) == ["sequence"]
-        assert manifest.entries == (
-            _manifest.Entry("a", is_dir=False, size=3, crc32=zlib.crc32(b"abc")),
-            _manifest.Entry("d", is_dir=True),
-        )
-        assert _manifest.verify(final) == manifest
-
-    def test_leaving_without_commit_removes_the_build(self, states_dir: Path) -> None:
-        seen: list[Path] = []
-
-        def failing_save() -> None:
-            with _manifest.BuildDir(states_dir, durable=True) as build:
-                seen.append(build.path)
-                (build.path / "half").write_bytes(b"x")
-                raise RuntimeError("component failed")
-
-        with pytest.raises(RuntimeError, match="component failed"):
-            failing_save()
-        assert seen
-        assert not seen[0].exists()
-        assert sorted(os.listdir(states_dir)) == [_atomic.PRIVATE_DIR]
-
-    def test_commit_to_an_existing_name(self, states_dir: Path, state: Path) -> None:
-        before = {p: p.read_bytes() for p in state.rglob("*") if p.is_file()}
-        with _manifest.BuildDir(states_dir, durable=True) as build:
-            (build.path / "other").write_bytes(b"new")
-            with pytest.raises(StateExistsError) as info:
-                build.commit(state)
-        assert info.value.filename == str(state)
-        assert {p: p.read_bytes() for p in state.rglob("*") if p.is_file()} == before
-        _manifest.verify(state)
-        assert not build.path.exists()
-
-    def test_symlink_is_refused(self, states_dir: Path, tmp_path: Path) -> None:
-        (tmp_path / "target").write_bytes(b"x")
-        with _manifest.BuildDir(states_dir, durable=True) as build:
-            (build.path / "link").symlink_to(tmp_path / "target")
-            with pytest.raises(ValueError, match="link is neither a regular file nor a directory"):
-                build.commit(states_dir / "x.state")
-        assert not (states_dir / "x.state").exists()
-
-    def test_large_file(self, states_dir: Path) -> None:
-        big = os.urandom(1 << 16) * 80  # 5 MB: fsync runs beside the checksum pass
-        state = commit(states_dir, {"big": big})
-        [entry] = _manifest.verify(state).entries
-        assert (entry.size, entry.crc32) == (len(big), zlib.crc32(big))
-
-
-class TestSequence:
-    """The store's counter never hands out a number twice."""
-
-    def test_increases_across_commits(self, states_dir: Path) -> None:
-        seqs = [
-            _manifest.read_manifest(commit(states_dir, {}, f"{i}.s")).sequence for i in range(3)
-        ]
-        assert seqs == sorted(seqs)
-        assert len(set(seqs)) == 3
-
-    @pytest.mark.parametrize("held", [False, True], ids=["per-call", "held-open"])
-    def test_threads_get_distinct_numbers(self, states_dir: Path, held: bool) -> None:
-        private = _atomic.ensure_private(states_dir, durable=False)
-        got: list[int] = []
-        lock = threading.Lock()
-        counter = _manifest.SequenceCounter(private)
-
-        def take() -> None:
-            for _ in range(25):
-                value = counter.next() if held else _manifest.next_sequence(private)
-                with lock:
-                    got.append(value)
-
-        threads = [threading.Thread(target=take) for _ in range(6)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(30)
-        counter.close()
-        assert sorted(got) == list(range(1, 151))
-
-    def test_held_counter_shares_the_file(self, states_dir: Path) -> None:
-        private = _atomic.ensure_private(states_dir, durable=False)
-        counter = _manifest.SequenceCounter(private)
-        assert counter.next() == 1
-        assert _manifest.next_sequence(private) == 2  # another writer, its own open
-        assert counter.next() == 3
-        counter.close()
-        assert counter.next() == 4  # reopened
-        counter.close()
-
-    @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-    def test_forked_child_takes_its_own_lock(self, states_dir: Path) -> None:
-        private = _atomic.ensure_private(states_dir, durable=False)
-        counter = _manifest.SequenceCounter(private)
-        assert counter.next() == 1
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child
-            code = 0 if counter.next() == 2 and counter._fd != -1 else 1
-            counter.close()
-            os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
-        assert counter.next() == 3
-        counter.close()
 
 
 class TestManifest:

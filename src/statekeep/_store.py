@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from statekeep import _atomic, _manifest
+from statekeep import _atomic, _commit, _manifest, _sequence
 from statekeep.errors import CorruptStateError, StateExistsError
 
 __all__ = ["PersistentStateMixin", "StateInfo", "StateStore"]
@@ -171,7 +171,7 @@ class StateStore:
         self._states: dict[str, PersistentStateMixin] = {}
         self._lock = threading.Lock()
         self._root = str(self.states_dir)
-        self._counter = _manifest.SequenceCounter(f"{self._root}/{_atomic.PRIVATE_DIR}")
+        self._counter = _sequence.SequenceCounter(f"{self._root}/{_atomic.PRIVATE_DIR}")
         _atomic.ensure_private(self.states_dir, durable=durable)
         _atomic.sweep(self.states_dir)
 
@@ -205,7 +205,7 @@ class StateStore:
         final = f"{self._root}/{name}"  # str until the end: pathlib costs add up here
         if os.path.lexists(final):
             raise StateExistsError(17, f"state {final} already exists", final)
-        with _manifest.BuildDir(self._root, durable=self.durable, counter=self._counter) as b:
+        with _commit.BuildDir(self._root, durable=self.durable, counter=self._counter) as b:
             for component, state in self._components():
                 state.save_state(b.path / component)
             b.commit(final)
