@@ -101,6 +101,17 @@ class TestRegister:
             store.register(name, Value())
         assert repr(name) in str(info.value)
 
+    def test_too_long_for_a_file_name(self, states_dir: Path) -> None:
+        store = StateStore(states_dir)
+        store.register("n" * 255, Value(b"fits"))  # exactly the limit is fine
+        with pytest.raises(ValueError, match="is 256 bytes, a file name may be at most 255"):
+            store.register("é" * 128, Value())  # 128 characters, 256 bytes in UTF-8
+        assert store.load_state(store.save_state()) is None
+
+    def test_not_encodable_for_the_filesystem(self, states_dir: Path) -> None:
+        with pytest.raises(ValueError, match="is not allowed: surrogates not allowed"):
+            StateStore(states_dir).register("bad\ud800name", Value())
+
     def test_not_a_string(self, states_dir: Path) -> None:
         with pytest.raises(TypeError, match="must be a str"):
             StateStore(states_dir).register(3, Value())  # type: ignore[arg-type]

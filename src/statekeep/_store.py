@@ -18,6 +18,8 @@ __all__ = ["PersistentStateMixin", "StateInfo", "StateStore"]
 
 logger = logging.getLogger("statekeep")
 
+_NAME_MAX = 255  # bytes in one path component on every common filesystem
+
 
 class PersistentStateMixin:
     """Something that can write its state under a path and read it back.
@@ -47,8 +49,9 @@ def check_name(name: str, what: str = "name") -> None:
     """Reject a name that is not one plain path component.
 
     Raises:
-        ValueError: ``name`` is empty, ``.``/``..``, holds ``/``, ``\\`` or NUL, or
-            starts with ``.statekeep`` (reserved for the store's own files).
+        ValueError: ``name`` is empty, ``.``/``..``, holds ``/``, ``\\`` or NUL,
+            starts with ``.statekeep`` (reserved for the store's own files), cannot be
+            encoded for the filesystem, or is longer than a file name may be (255 bytes).
     """
     if not isinstance(name, str):
         raise TypeError(f"{what} must be a str, not {type(name).__name__}")
@@ -60,6 +63,15 @@ def check_name(name: str, what: str = "name") -> None:
     if name.startswith(_atomic.PRIVATE_DIR):
         raise ValueError(
             f"{what} {name!r} is not allowed: names starting with .statekeep are reserved"
+        )
+    try:
+        size = len(os.fsencode(name))
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{what} {name!r} is not allowed: {exc.reason} in file names") from None
+    if size > _NAME_MAX:
+        raise ValueError(
+            f"{what} {name[:40]!r}... is not allowed: it is {size} bytes, a file name may be"
+            f" at most {_NAME_MAX}"
         )
 
 
