@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import logging
 import os
@@ -216,7 +217,7 @@ class StateStore:
         check_name(name, "state_name_format produced")
         final = f"{self._root}/{name}"  # str until the end: pathlib costs add up here
         if os.path.lexists(final):
-            raise StateExistsError(17, f"state {final} already exists", final)
+            raise StateExistsError(errno.EEXIST, f"state {final} already exists", final)
         with _commit.BuildDir(self._root, durable=self.durable, counter=self._counter) as b:
             for component, state in self._components():
                 state.save_state(b.path / component)
