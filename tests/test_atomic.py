@@ -294,8 +294,9 @@ class TestWriteAll:
         fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
         try:
             _atomic.write_all(fd, [b"hello ", memoryview(b"world"), b""])
+            _atomic.write_all(fd, [b" and one chunk"])  # the single-write path
         finally:
             os.close(fd)
         monkeypatch.undo()
-        assert (tmp_path / "f").read_bytes() == b"hello world"
-        assert len(calls) > 2
+        assert (tmp_path / "f").read_bytes() == b"hello world and one chunk"
+        assert len(calls) > 6

@@ -129,6 +129,18 @@ class Work:
         self.release()
 
 
+def new_work(root: str | os.PathLike[str], *, is_dir: bool, durable: bool) -> tuple[Work, bool]:
+    """A locked work entry in ``root``'s private folder, and whether the folder was made.
+
+    The folder usually exists, so it is not checked first: only when creating the entry
+    fails for want of it is the folder (re)created, and the entry created again.
+    """
+    try:
+        return Work(f"{root}/{PRIVATE_DIR}", is_dir=is_dir), False
+    except FileNotFoundError:  # first use, or someone removed the folder
+        return Work(ensure_private(Path(root), durable=durable), is_dir=is_dir), True
+
+
 def remove_tree(path: str | os.PathLike[str]) -> None:
     """Remove a file or a directory tree; a path that is already gone is fine."""
     try:
@@ -251,6 +263,11 @@ def write_all(fd: int, chunks: Iterable[bytes | memoryview]) -> None:
     Chunks go out up to 64 at a time in one ``writev`` (one syscall where ``write``
     would take one per chunk).
     """
+    if isinstance(chunks, (list, tuple)) and len(chunks) == 1:  # the common case: write()
+        view = memoryview(chunks[0])
+        while view:
+            view = view[os.write(fd, view) :]
+        return
     it = iter(chunks)
     while batch := [memoryview(c) for c in itertools.islice(it, 64)]:
         if not hasattr(os, "writev"):  # pragma: no cover - Windows
@@ -272,10 +289,7 @@ def replace_file(root: Path, final: Path, chunks: Iterable[bytes], *, durable: b
     Readers see the old file or the new one, never a mix; with ``durable`` the new one
     survives power loss once this returns.
     """
-    try:
-        work = Work(f"{root}/{PRIVATE_DIR}", is_dir=False)
-    except FileNotFoundError:  # first use, or someone removed it: create, then retry
-        work = Work(ensure_private(root, durable=durable), is_dir=False)
+    work, _ = new_work(root, is_dir=False, durable=durable)
     try:
         write_all(work.fd, chunks)
         if durable:

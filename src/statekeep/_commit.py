@@ -60,13 +60,9 @@ class BuildDir:
         self.durable = durable
         self._private = f"{root}/{_atomic.PRIVATE_DIR}"
         self._counter = counter
-        try:
-            self._work = _atomic.Work(self._private, is_dir=True)
-        except FileNotFoundError:  # first use, or someone removed it: create, then retry
-            _atomic.ensure_private(Path(root), durable=durable)
-            if counter is not None:
-                counter.close()  # its file went with the folder: open the new one
-            self._work = _atomic.Work(self._private, is_dir=True)
+        self._work, made = _atomic.new_work(root, is_dir=True, durable=durable)
+        if made and counter is not None:
+            counter.close()  # its file went with the old folder: open the new one
         self.spath = self._work.spath
         self.path = Path(self.spath)
 
@@ -81,10 +77,7 @@ class BuildDir:
         manifest = build_manifest(self.spath, sequence=sequence, durable=self.durable)
         fd = os.open(f"{self.spath}/{MANIFEST_NAME}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            data = manifest.to_bytes()
-            done = os.write(fd, data)  # one write; write_all only for a short one
-            if done < len(data):
-                _atomic.write_all(fd, [memoryview(data)[done:]])
+            _atomic.write_all(fd, [manifest.to_bytes()])
             if self.durable:
                 os.fsync(fd)
         finally:
