@@ -41,6 +41,11 @@ _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _RENAME_NOREPLACE = 1
 
 
+def is_private(name: str) -> bool:
+    """Whether a directory entry named ``name`` is statekeep's own work, not a state."""
+    return name.startswith(PRIVATE_DIR)
+
+
 def fsync_dir(path: str | os.PathLike[str]) -> None:
     """Make the entries of directory ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | _O_DIRECTORY)
