@@ -151,13 +151,28 @@ class S3Server:
                 raise ServerUnavailable(f"weed exited with {self.proc.returncode}: {self.tail()}")
             if _port_open(self.port):
                 try:
-                    probe.list_buckets()
+                    self._probe(probe)
                     return
                 except Exception as exc:  # not ready yet: any error, retried until deadline
                     last = exc
             time.sleep(0.1)
         self.stop()
         raise ServerUnavailable(f"SeaweedFS not ready in {START_TIMEOUT}s ({last}): {self.tail()}")
+
+    def _probe(self, client: Any) -> None:
+        # list_buckets answers before the volume servers have registered (after a restart,
+        # reads of older objects then fail with InternalError): wait until an object
+        # written at the first start reads back, and a new one writes and reads
+        names = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+        if "statekeep-ready" not in names:
+            client.create_bucket(Bucket="statekeep-ready")
+            client.put_object(Bucket="statekeep-ready", Key="first", Body=b"ok")
+        for bucket in names:  # every bucket is a collection with volumes of its own
+            listed = client.list_objects_v2(Bucket=bucket, MaxKeys=1).get("Contents", [])
+            for item in listed:
+                client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+        client.put_object(Bucket="statekeep-ready", Key="again", Body=b"ok")
+        client.get_object(Bucket="statekeep-ready", Key="again")["Body"].read()
 
     def tail(self) -> str:
         with contextlib.suppress(OSError):
