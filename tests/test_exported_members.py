@@ -20,6 +20,7 @@ CHANGELOG = ROOT / "CHANGELOG.md"
 # Update this set together with src/statekeep/__init__.py (and CHANGELOG.md): a name that
 # appears or disappears here is a change to the public API.
 EXPECTED = {
+    "BaseCheckpointStorage",
     "CheckpointInfo",
     "CheckpointStorage",
     "CorruptCheckpointError",
@@ -29,7 +30,9 @@ EXPECTED = {
     "LatestStatesKeeper",
     "MemoryCheckpointStorage",
     "PersistentStateMixin",
+    "PostgresCheckpointStorage",
     "RecoverableState",
+    "S3CheckpointStorage",
     "SQLiteCheckpointStorage",
     "StateExistsError",
     "StateInfo",

@@ -22,16 +22,20 @@ from statekeep.errors import (
     StorageError,
 )
 from statekeep.storage import (
+    BaseCheckpointStorage,
     CheckpointInfo,
     CheckpointStorage,
     FileCheckpointStorage,
     MemoryCheckpointStorage,
+    PostgresCheckpointStorage,
+    S3CheckpointStorage,
     SQLiteCheckpointStorage,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BaseCheckpointStorage",
     "CheckpointInfo",
     "CheckpointStorage",
     "CorruptCheckpointError",
@@ -41,7 +45,9 @@ __all__ = [
     "LatestStatesKeeper",
     "MemoryCheckpointStorage",
     "PersistentStateMixin",
+    "PostgresCheckpointStorage",
     "RecoverableState",
+    "S3CheckpointStorage",
     "SQLiteCheckpointStorage",
     "StateExistsError",
     "StateInfo",

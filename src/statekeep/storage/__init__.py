@@ -9,6 +9,8 @@ from __future__ import annotations
 from statekeep.storage._base import BaseCheckpointStorage, CheckpointInfo, CheckpointStorage
 from statekeep.storage._file import FileCheckpointStorage
 from statekeep.storage._memory import MemoryCheckpointStorage
+from statekeep.storage._postgres import PostgresCheckpointStorage
+from statekeep.storage._s3 import S3CheckpointStorage
 from statekeep.storage._sqlite import SQLiteCheckpointStorage
 
 __all__ = [
@@ -17,5 +19,7 @@ __all__ = [
     "CheckpointStorage",
     "FileCheckpointStorage",
     "MemoryCheckpointStorage",
+    "PostgresCheckpointStorage",
+    "S3CheckpointStorage",
     "SQLiteCheckpointStorage",
 ]

@@ -109,7 +109,7 @@ class BaseCheckpointStorage:
     ``_put``, ``_get``, ``_has``, ``_drop``, ``_infos`` instead.
     """
 
-    _errors: ClassVar[tuple[type[BaseException], ...]] = (OSError,)
+    _errors: tuple[type[BaseException], ...] = (OSError,)
     _list_threads: ClassVar[int] = 1
     _closed: bool = False
 
