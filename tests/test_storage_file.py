@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -51,6 +52,16 @@ class TestFileContract(PersistentCheckpointStorageContract):
     @pytest.fixture
     def make_storage(self, tmp_path: Path) -> Callable[[], FileCheckpointStorage]:
         return lambda: FileCheckpointStorage(tmp_path / "ckpt")
+
+    @pytest.fixture
+    def make_failing_storage(self, tmp_path: Path) -> Callable[[], FileCheckpointStorage]:
+        def opened_then_replaced_by_a_file() -> FileCheckpointStorage:
+            storage = FileCheckpointStorage(tmp_path / "gone")
+            shutil.rmtree(tmp_path / "gone")
+            (tmp_path / "gone").write_text("a file where the directory was")
+            return storage
+
+        return opened_then_replaced_by_a_file
 
 
 class TestFileContractNotDurable(PersistentCheckpointStorageContract):

@@ -25,6 +25,23 @@ class TestPostgresContract(PersistentCheckpointStorageContract):
     def make_storage(self, postgres_db: str) -> Callable[[], PostgresCheckpointStorage]:
         return lambda: PostgresCheckpointStorage(postgres_db)
 
+    @pytest.fixture
+    def damage(self, postgres_db: str) -> Callable[[object, str], None]:
+        def flip(storage: object, key: str) -> None:
+            with psycopg.connect(postgres_db, autocommit=True) as conn:
+                conn.execute(
+                    "UPDATE statekeep_checkpoints SET data = data || '\\x20'::bytea "
+                    "WHERE session_id = %s",
+                    (key,),
+                )
+
+        return flip
+
+    @pytest.fixture
+    def make_failing_storage(self) -> Callable[[], PostgresCheckpointStorage]:
+        (port,) = free_ports(1)
+        return lambda: PostgresCheckpointStorage(f"host=127.0.0.1 port={port} user=x dbname=x")
+
 
 class TestStoredForm:
     """The payload is stored byte for byte (not jsonb); times come from the server."""

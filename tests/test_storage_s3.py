@@ -11,7 +11,7 @@ from typing import Any
 import botocore.exceptions
 import pytest
 
-from servers import S3Server
+from servers import S3Server, free_ports
 from statekeep import CorruptCheckpointError, S3CheckpointStorage, StorageError
 from statekeep.testing import PersistentCheckpointStorageContract
 
@@ -25,8 +25,17 @@ class TestS3Contract(PersistentCheckpointStorageContract):
     """The whole conformance suite, against the real server."""
 
     @pytest.fixture
-    def make_storage(self, url: str, s3_client: Any) -> Callable[[], S3CheckpointStorage]:
-        return lambda: S3CheckpointStorage(url, client=s3_client)
+    def make_storage(self, url: str, s3_server: S3Server) -> Callable[[], S3CheckpointStorage]:
+        # a client per storage: the contract also calls this in forked processes
+        return lambda: S3CheckpointStorage(url, client=s3_server.client())
+
+    @pytest.fixture
+    def make_failing_storage(self, s3_server: S3Server) -> Callable[[], S3CheckpointStorage]:
+        dead = S3Server.__new__(S3Server)  # the same settings, on a port nobody listens on
+        dead.endpoint = f"http://127.0.0.1:{free_ports(1)[0]}"
+        return lambda: S3CheckpointStorage(
+            "s3://bucket", client=dead.client(connect_timeout=1, read_timeout=2)
+        )
 
 
 class TestStoredForm:
@@ -185,8 +194,6 @@ class TestFailures:
     def test_a_dead_endpoint_fails_within_the_timeout(
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        from servers import free_ports
-
         (port,) = free_ports(1)
         monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
