@@ -265,3 +265,21 @@ class TestCleanupFailure:
         # unlocked: the next sweep reclaims all twenty
         assert len(_atomic.sweep(states_dir)) == 20
         assert os.listdir(states_dir) == []
+
+
+class TestDeepTrees:
+    """A tree deeper than Python's recursion limit saves, verifies and is removed."""
+
+    def test_twelve_hundred_levels(self, states_dir: Path) -> None:
+        with _commit.BuildDir(states_dir, durable=False) as build:
+            deep = build.path
+            for _ in range(1200):
+                deep = deep / "d"
+                deep.mkdir()
+            (deep / "leaf").write_bytes(b"bottom")
+            manifest = build.commit(states_dir / "deep.state")
+        assert len(manifest.entries) == 1201
+        assert manifest.entries[-1].path.endswith("/d/leaf")
+        assert _manifest.verify(states_dir / "deep.state") == manifest
+        _atomic.discard_committed(states_dir, states_dir / "deep.state")
+        assert os.listdir(states_dir) == []

@@ -32,7 +32,6 @@ import itertools
 import logging
 import os
 import secrets
-import shutil
 import stat
 import sys
 import time
@@ -201,16 +200,69 @@ def new_work(root: str | os.PathLike[str], *, is_dir: bool, durable: bool) -> tu
 def remove_tree(path: str | os.PathLike[str]) -> None:
     """Remove a file, a link or a directory tree; a path that is already gone is fine.
 
-    A symbolic link is removed as a link, never followed; ``shutil.rmtree`` walks by
-    file descriptors and refuses to descend into a link met on the way.
+    A symbolic link is removed as a link, never followed, wherever it is met. The walk
+    is iterative and holds one descriptor at a time, so a tree of any depth goes.
     """
     try:
         if stat.S_ISDIR(os.lstat(path).st_mode):
-            shutil.rmtree(path)
+            _remove_dir_tree(os.fspath(path))
         else:
             os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | _O_NOFOLLOW
+
+
+def _dir_id(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _remove_dir_tree(path: str) -> None:
+    """Empty and remove directory ``path``, descending by ``openat(O_NOFOLLOW)``.
+
+    Going back up opens ``..`` (never a link) and checks it is the directory that was
+    come down from, so a tree moved meanwhile stops the removal instead of steering it.
+    """
+    fd = os.open(path, _DIR_FLAGS)
+    names: list[str] = []  # the way down from ``path``
+    ids = [_dir_id(fd)]
+    try:
+        while True:
+            child = None
+            with os.scandir(fd) as it:
+                for entry in it:
+                    if entry.is_dir(follow_symlinks=False):
+                        child = entry.name
+                        break
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.name, dir_fd=fd)
+            if child is not None:
+                try:
+                    sub = os.open(child, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    continue
+                os.close(fd)
+                fd = sub
+                names.append(child)
+                ids.append(_dir_id(fd))
+                continue
+            if not names:
+                break
+            up = os.open("..", _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = up
+            name = names.pop()
+            ids.pop()
+            if _dir_id(fd) != ids[-1]:
+                raise OSError(errno.ESTALE, f"{path} was moved while it was being removed", path)
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(name, dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(path)
 
 
 def _owner_is_gone(path: str) -> bool:
