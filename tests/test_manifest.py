@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 import zlib
 from datetime import datetime, timedelta, timezone
@@ -410,6 +411,28 @@ class TestUnreadable:
         os.mkfifo(state / "step")
         with pytest.raises(CorruptStateError, match="step should be a regular file"):
             _manifest.verify(state)
+
+    @pytest.mark.timeout(30)
+    def test_manifest_and_file_are_devices(self, state: Path) -> None:
+        """/dev/zero's node as the manifest: a reader that read it would never stop."""
+        manifest = state / _manifest.MANIFEST_NAME
+        manifest.unlink()
+        try:
+            os.mknod(manifest, stat.S_IFCHR | 0o600, os.makedev(1, 5))  # like /dev/zero
+        except PermissionError as exc:
+            if os.environ.get("CI") == "true":
+                raise
+            pytest.skip(f"cannot create a device node here: {exc}")
+        with pytest.raises(CorruptStateError, match="not a regular file"):
+            _manifest.read_manifest(state)
+        assert _manifest.read_order(str(state)) is None
+        manifest.unlink()
+        commit(state.parent, {"step": b"1"}, "other.state")
+        other = state.parent / "other.state"
+        (other / "step").unlink()
+        os.mknod(other / "step", stat.S_IFCHR | 0o600, os.makedev(1, 5))
+        with pytest.raises(CorruptStateError, match="step should be a regular file"):
+            _manifest.verify(other)
 
     def test_manifest_is_a_symlink(self, state: Path, tmp_path: Path) -> None:
         target = tmp_path / "elsewhere.json"
