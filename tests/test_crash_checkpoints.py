@@ -76,8 +76,13 @@ def campaign(
                     break
             assert os.WIFSIGNALED(status), f"child {pid} was not killed: status {status}"
             assert last >= base
-            private = Path(path) / _atomic.PRIVATE_DIR
-            if backend == "file" and any(p.suffix == ".work" for p in private.iterdir()):
+            private = Path(path)  # work entries live in the directory, privately named
+            work = (
+                [p for p in private.iterdir() if _atomic.is_private(p.name)]
+                if backend == "file"
+                else []
+            )
+            if any(p.suffix == ".work" for p in work):
                 mid_write += 1
             if checker is not None:  # a remote storage: one client for every check
                 # the server may still complete the save that was in flight when the
@@ -95,7 +100,11 @@ def campaign(
             assert gen >= last, f"round {round_}: loaded gen {gen} is older than returned {last}"
             assert gen < base + 1_000_000, f"round {round_}: gen {gen} from a later round?"
             if backend == "file":
-                stale = [p.name for p in private.iterdir() if p.name.endswith(".work")]
+                stale = [
+                    p.name
+                    for p in private.iterdir()
+                    if _atomic.is_private(p.name) and p.name.endswith(".work")
+                ]
                 assert stale == [], f"a killed save's temp file was not reclaimed: {stale}"
             reported.append(last - base + 1)
         zygote.stdin.write("quit\n")

@@ -94,7 +94,7 @@ class FileCheckpointStorage(BaseCheckpointStorage):
         self.checkpoint_dir = Path(checkpoint_dir)
         self.durable = durable
         with self._guard("create checkpoint directory", None):
-            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            _atomic.make_root(self.checkpoint_dir, durable=durable)
             _atomic.sweep(self.checkpoint_dir)
 
     def _name(self, key: str) -> str:
