@@ -26,8 +26,6 @@ import uuid
 from pathlib import Path
 from typing import Any, NoReturn
 
-import pytest
-
 HOST = "127.0.0.1"
 START_TIMEOUT = 30.0  # seconds; SeaweedFS is ready in ~1.2 s, PostgreSQL in ~1 s here
 
@@ -38,6 +36,8 @@ class ServerUnavailable(RuntimeError):
 
 def unavailable(reason: str) -> NoReturn:
     """Fail under CI=true, skip otherwise: a missing server must not pass silently in CI."""
+    import pytest  # here, not at the top: the benchmarks use this module without pytest
+
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"test server unavailable: {reason}", pytrace=False)
     pytest.skip(f"test server unavailable: {reason}")
