@@ -53,13 +53,14 @@ class TestStoredForm:
         assert body.split(b"\n")[1] == b'{"x":1}'
 
     def test_other_objects_and_deeper_prefixes_are_not_listed(
-        self, url: str, s3_client: Any, s3_bucket: str
+        self, url: str, s3_client: Any, s3_bucket: str, caplog: pytest.LogCaptureFixture
     ) -> None:
         storage = S3CheckpointStorage(url, client=s3_client)
         storage.save("mine", {})
         S3CheckpointStorage(f"{url}/deeper", client=s3_client).save("deeper", {})
         s3_client.put_object(Bucket=s3_bucket, Key="runs/a/readme.txt", Body=b"hi")
         assert [i.session_id for i in storage.list_checkpoints()] == ["mine"]
+        assert caplog.text == "", "objects of a deeper prefix were read as damaged checkpoints"
 
     def test_prefixes_do_not_see_each_other(self, s3_bucket: str, s3_client: Any) -> None:
         one = S3CheckpointStorage(f"s3://{s3_bucket}/one", client=s3_client)
@@ -215,3 +216,45 @@ class TestFailures:
         assert isinstance(errors[0], StorageError), errors
         assert errors[0].__cause__ is not None
         storage.close()
+
+
+class TestConflictRetry:
+    """AWS's 409 ConditionalRequestConflict on a PUT is retried; other errors are not."""
+
+    def stubbed(self, errors: list[tuple[str, int]], succeed: bool) -> tuple[Any, Any]:
+        import boto3
+        from botocore.stub import Stubber
+
+        client = boto3.client(
+            "s3",
+            region_name="us-east-1",
+            aws_access_key_id="x",
+            aws_secret_access_key="y",
+            endpoint_url="http://127.0.0.1:9",  # never contacted: the stubber answers
+        )
+        stub = Stubber(client)
+        for code, status in errors:
+            stub.add_client_error("put_object", code, http_status_code=status)
+        if succeed:
+            stub.add_response("put_object", {"ETag": '"e"'})
+        stub.activate()
+        return client, stub
+
+    def test_conflicts_are_retried(self) -> None:
+        conflict = ("ConditionalRequestConflict", 409)
+        client, stub = self.stubbed([conflict, conflict], succeed=True)
+        assert S3CheckpointStorage("s3://b", client=client).save("s", {}) is True
+        stub.assert_no_pending_responses()
+
+    def test_endless_conflicts_end_in_storage_error(self) -> None:
+        client, _ = self.stubbed([("ConditionalRequestConflict", 409)] * 5, succeed=False)
+        with pytest.raises(StorageError, match="ConditionalRequestConflict"):
+            S3CheckpointStorage("s3://b", client=client).save("s", {})
+
+    def test_other_errors_are_not_retried(self) -> None:
+        client, stub = self.stubbed([("AccessDenied", 403)], succeed=True)
+        with pytest.raises(StorageError, match="AccessDenied") as caught:
+            S3CheckpointStorage("s3://b", client=client).save("s", {})
+        assert caught.value.errno == errno.EACCES
+        with pytest.raises(AssertionError):
+            stub.assert_no_pending_responses()  # the success answer was never asked for

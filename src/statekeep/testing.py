@@ -22,8 +22,8 @@ Three promises need help from the backend's own tests, through optional fixtures
 - ``damage``: a function ``(storage, session_id) -> None`` that damages the stored
   checkpoint in place; the suite then expects
   :class:`~statekeep.CorruptCheckpointError` from ``load``. Backends built on
-  :class:`~statekeep.BaseCheckpointStorage`'s blob methods need none: the suite flips a
-  byte of the stored blob itself.
+  :class:`~statekeep.BaseCheckpointStorage`'s blob methods need none: the suite alters
+  the stored blob itself.
 - ``make_failing_storage``: a function opening the storage on something broken (a
   missing directory, a stopped server); the suite expects
   :class:`~statekeep.StorageError` with the original error as ``__cause__``.
@@ -677,7 +677,7 @@ def _process_writer(make_storage: StorageFactory, writer: int, rounds: int, star
 
 
 def _blob_damage(storage: CheckpointStorage) -> Damage:
-    """Flip a payload byte through the raw methods of a BaseCheckpointStorage blob backend."""
+    """Alter the stored data through the raw methods of a BaseCheckpointStorage blob backend."""
     base = BaseCheckpointStorage
     if not isinstance(storage, base) or type(storage)._get is not base._get:
         pytest.skip(f"no damage fixture for {type(storage).__name__}")
@@ -687,7 +687,9 @@ def _blob_damage(storage: CheckpointStorage) -> Damage:
         name = target._name(key)
         blob = target._read(name)
         assert blob is not None
-        cut = blob.index(b"\n") + 2
-        target._write(name, blob[:cut] + bytes([blob[cut] ^ 0x20]) + blob[cut + 1 :])
+        head, _, payload = blob.partition(b"\n")
+        # still valid JSON of the same size: only the checksum can tell
+        assert b"some words" in payload
+        target._write(name, head + b"\n" + payload.replace(b"some words", b"SOME words"))
 
     return flip
