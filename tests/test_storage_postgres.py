@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import os
 import threading
 from collections.abc import Callable
 from datetime import timedelta
@@ -204,3 +205,27 @@ class TestFailures:
         with pytest.raises(StorageError, match="no_such_db") as caught:
             PostgresCheckpointStorage(postgres_server.conninfo("no_such_db"))
         assert isinstance(caught.value.__cause__, psycopg.Error)
+
+
+class TestFork:
+    """A storage opened before a fork works in the child (own connection) and the parent."""
+
+    def test_parent_and_child_both_work(self, postgres_db: str) -> None:
+        storage = PostgresCheckpointStorage(postgres_db)
+        storage.save("parent", {"who": "parent"})
+        inherited = storage._conn
+        pid = os.fork()
+        if pid == 0:  # the child connects anew; the parent's session is left alone
+            code = 1
+            try:
+                storage.save("child", {"who": "child"})
+                code = 0 if storage.load("parent") == {"who": "parent"} else 2
+                code = code or (3 if storage._conn is inherited else 0)
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert storage.load("child") == {"who": "child"}
+        storage.save("parent", {"who": "parent", "again": True})
+        assert storage.load("parent") == {"who": "parent", "again": True}
+        storage.close()

@@ -272,3 +272,25 @@ class TestRetention:
         assert storage.exists("new") is True
         assert storage.delete_older_than(timedelta(0)) == 1
         assert storage.exists("new") is False
+
+
+class TestFork:
+    """A storage opened before a fork works in the child (own connection) and the parent."""
+
+    def test_parent_and_child_both_work(self, storage: SQLiteCheckpointStorage) -> None:
+        storage.save("parent", {"who": "parent"})
+        inherited = storage._conn
+        pid = os.fork()
+        if pid == 0:  # the child: its own connection; the parent's is left alone
+            code = 1
+            try:
+                storage.save("child", {"who": "child"})
+                code = 0 if storage.load("parent") == {"who": "parent"} else 2
+                code = code or (3 if storage._conn is inherited else 0)
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert storage.load("child") == {"who": "child"}
+        storage.save("parent", {"who": "parent", "again": True})
+        assert storage.load("parent") == {"who": "parent", "again": True}

@@ -62,6 +62,10 @@ _ERRNO = {
 }
 
 
+# connections a forked child inherited: referenced forever, so never closed there
+_ORPHANS: list[sqlite3.Connection] = []
+
+
 class SQLiteCheckpointStorage(BaseCheckpointStorage):
     """Keeps checkpoints in the SQLite database at ``path`` (created if missing).
 
@@ -82,30 +86,37 @@ class SQLiteCheckpointStorage(BaseCheckpointStorage):
         self._lock = _fork.new_lock()
         self._conn: sqlite3.Connection | None = None
         self.read_only = read_only or _not_writable(self.path)
+        self._timeout = timeout
         with self._guard("open", None):
-            if self.read_only:
-                uri = f"file:{quote(str(self.path.absolute()))}?mode=ro"
-                conn = sqlite3.connect(
-                    uri, uri=True, timeout=timeout, isolation_level=None, check_same_thread=False
-                )
-            else:
+            if not self.read_only:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                conn = sqlite3.connect(
-                    self.path, timeout=timeout, isolation_level=None, check_same_thread=False
-                )
-            try:
-                self._prepare(conn)
-            except BaseException:
-                conn.close()
-                raise
-        self._conn = conn
+            self._conn = self._connect()
         _fork.on_fork_child(self._after_fork)
 
+    def _connect(self) -> sqlite3.Connection:
+        if self.read_only:
+            uri = f"file:{quote(str(self.path.absolute()))}?mode=ro"
+            conn = sqlite3.connect(
+                uri, uri=True, timeout=self._timeout, isolation_level=None, check_same_thread=False
+            )
+        else:
+            conn = sqlite3.connect(
+                self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False
+            )
+        try:
+            self._prepare(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
     def _after_fork(self) -> None:
-        # the parent's connection must not be used (nor closed) by a child
+        # A child must neither use the parent's connection nor close it (closing may
+        # checkpoint the parent's WAL): it keeps it referenced and opens its own.
         self._lock = _fork.new_lock()
-        self._conn = None
-        self._closed = True
+        if self._conn is not None:
+            _ORPHANS.append(self._conn)
+            self._conn = None
 
     def _prepare(self, conn: sqlite3.Connection) -> None:
         if self.read_only:
@@ -144,8 +155,10 @@ class SQLiteCheckpointStorage(BaseCheckpointStorage):
     @contextmanager
     def _connection(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            if self._conn is None:
+            if self._closed:
                 raise ValueError(f"{self!r} is closed")
+            if self._conn is None:  # in a forked child
+                self._conn = self._connect()
             yield self._conn
 
     def _put(self, key: str, payload: bytes, meta: bytes) -> None:
