@@ -3,7 +3,8 @@
 The servers are the test suite's (``tests/servers.py``: SeaweedFS and PostgreSQL on
 127.0.0.1, started here and stopped after the suites). Each statekeep case has a
 baseline using the same client or connection in the same run: a raw ``put_object`` /
-``get_object`` of the same bytes, and a raw upsert / select of one row. Listing is
+``get_object`` of the same value as JSON, and a raw upsert / select of one row (the JSON
+encoding or decoding included in both: the least code that saves or loads a dict). Listing is
 timed at two sizes, the smaller being the baseline of the larger.
 """
 
@@ -46,16 +47,23 @@ def _s3_cases(server: servers.S3Server, sizes: dict[str, int], repeat: int) -> l
         def load(sid: str = f"s-{label}") -> float:
             return timed(lambda: storage.load(sid), repeat)
 
-        def put(k: str = key, b: bytes = body) -> float:
-            return timed(lambda: client.put_object(Bucket=bucket, Key=k, Body=b), repeat)
+        def put(k: str = key, v: dict[str, Any] = value) -> float:
+            def op() -> object:
+                body = json.dumps(v, separators=(",", ":")).encode()
+                return client.put_object(Bucket=bucket, Key=k, Body=body)
+
+            return timed(op, repeat)
 
         def get(k: str = key) -> float:
-            return timed(lambda: client.get_object(Bucket=bucket, Key=k)["Body"].read(), repeat)
+            def op() -> object:
+                return json.loads(client.get_object(Bucket=bucket, Key=k)["Body"].read())
+
+            return timed(op, repeat)
 
         cases += [
-            Case(f"s3_raw_put_{label}", f"raw put_object {label}", put, nbytes=size),
+            Case(f"s3_raw_put_{label}", f"json + raw put_object {label}", put, nbytes=size),
             Case(f"s3_save_{label}", f"S3 save {label}", save, f"s3_raw_put_{label}", size),
-            Case(f"s3_raw_get_{label}", f"raw get_object {label}", get, nbytes=size),
+            Case(f"s3_raw_get_{label}", f"raw get_object + json {label}", get, nbytes=size),
             Case(f"s3_load_{label}", f"S3 load {label}", load, f"s3_raw_get_{label}", size),
         ]
     return cases
@@ -82,8 +90,11 @@ def _pg_cases(server: servers.PostgresServer, sizes: dict[str, int], repeat: int
         def load(sid: str = f"s-{label}") -> float:
             return timed(lambda: storage.load(sid), repeat)
 
-        def put(k: str = label, b: bytes = body, q: str = upsert) -> float:
-            return timed(lambda: conn.execute(q, (k, b)), repeat)
+        def put(k: str = label, v: dict[str, Any] = value, q: str = upsert) -> float:
+            def op() -> object:
+                return conn.execute(q, (k, json.dumps(v, separators=(",", ":")).encode()))
+
+            return timed(op, repeat)
 
         def get(k: str = label) -> float:
             def select() -> object:
@@ -93,7 +104,7 @@ def _pg_cases(server: servers.PostgresServer, sizes: dict[str, int], repeat: int
             return timed(select, repeat)
 
         cases += [
-            Case(f"pg_raw_upsert_{label}", f"raw upsert {label}", put, nbytes=size),
+            Case(f"pg_raw_upsert_{label}", f"json + raw upsert {label}", put, nbytes=size),
             Case(
                 f"pg_save_{label}", f"PostgreSQL save {label}", save, f"pg_raw_upsert_{label}", size
             ),

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from types import TracebackType
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 from uuid import UUID
 
 from typing_extensions import Self
@@ -110,7 +110,7 @@ class BaseCheckpointStorage:
     """
 
     _errors: tuple[type[BaseException], ...] = (OSError,)
-    _list_threads: ClassVar[int] = 1
+    _list_threads: int = 1
     _closed: bool = False
 
     # -- the public API ----------------------------------------------------------------

@@ -6,7 +6,8 @@ which S3 makes visible atomically: a reader sees the old value or the new one, a
 machines writing one session end with one of their values, whole. Object keys are
 ``<prefix><sha256 of the session id>.ckpt`` so any id is a safe key; the header holds
 the id and is checked on every read. Listing is one LIST call per 1,000 keys plus a
-ranged GET of each header, in parallel; it never downloads whole objects.
+ranged GET of each header, in parallel (up to 16 at once, no more than the client's
+connection pool); it never downloads whole objects.
 
 boto3 is imported when a storage is constructed, never by ``import statekeep``.
 """
@@ -27,6 +28,7 @@ __all__ = ["S3CheckpointStorage", "parse_s3_url"]
 SUFFIX = ".ckpt"
 _HEAD_BYTES = 4096  # one ranged GET holds the header unless its metadata is large
 _CONFLICT_RETRIES = 5
+_THREADS = 16  # parallel header reads while listing
 _HTTP_ERRNO = {403: errno.EACCES, 404: errno.ENOENT, 503: errno.EAGAIN, 507: errno.ENOSPC}
 _MISSING = frozenset({"NoSuchKey"})
 
@@ -72,6 +74,7 @@ def default_client() -> Any:
             connect_timeout=5,
             read_timeout=30,
             retries={"max_attempts": 3, "mode": "standard"},
+            max_pool_connections=_THREADS,
         ),
     )
 
@@ -95,8 +98,6 @@ class S3CheckpointStorage(BaseCheckpointStorage):
         ValueError: ``url`` is not an ``s3://`` URL.
     """
 
-    _list_threads = 16
-
     def __init__(self, url: str, *, client: Any | None = None) -> None:
         self.bucket, self.prefix = parse_s3_url(url)
         _, exceptions = _boto3()
@@ -105,6 +106,10 @@ class S3CheckpointStorage(BaseCheckpointStorage):
         self._errors = (exceptions.BotoCoreError, exceptions.ClientError, OSError)
         self._own_client = client is None
         self._client = default_client() if client is None else client
+        # no more threads than the client has pooled connections (urllib3 would discard
+        # the extra connections, with a warning each)
+        pool = getattr(getattr(self._client, "meta", None), "config", None)
+        self._list_threads = min(_THREADS, getattr(pool, "max_pool_connections", None) or 10)
         _fork.on_fork_child(self._after_fork)
 
     def _after_fork(self) -> None:
