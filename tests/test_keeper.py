@@ -70,7 +70,7 @@ def legacy(states_dir: Path, name: str, mtime: float) -> Path:
 
 
 def names(states_dir: Path) -> list[str]:
-    return sorted(n for n in os.listdir(states_dir) if n != _atomic.PRIVATE_DIR)
+    return sorted(n for n in os.listdir(states_dir) if not _atomic.is_private(n))
 
 
 class TestInit:
@@ -107,24 +107,39 @@ class TestCleanup:
         assert names(states_dir) == ["w.state", "x.state"]
         assert os.listdir(states_dir / _atomic.PRIVATE_DIR) == ["sequence"]
 
-    def test_legacy_directories_by_mtime(self, states_dir: Path) -> None:
+    def test_legacy_directories_never_count_as_kept(self, states_dir: Path) -> None:
+        now = time.time()
+        for name, age in (("a", 100), ("b", 300), ("c", 200)):
+            legacy(states_dir, f"{name}.state", now - age)
+        keeper = LatestStatesKeeper(states_dir, max_keep=1)
+        assert keeper.cleanup() == []  # none verifies: nothing may go
+        assert names(states_dir) == ["a.state", "b.state", "c.state"]
+
+    def test_legacy_directories_go_by_mtime_once_enough_states_verify(
+        self, states_dir: Path
+    ) -> None:
         now = time.time()
         a = legacy(states_dir, "a.state", now - 100)
         b = legacy(states_dir, "b.state", now - 300)
         c = legacy(states_dir, "c.state", now - 200)
-        keeper = LatestStatesKeeper(states_dir, max_keep=1)
-        assert keeper.cleanup() == [b, c]
-        assert names(states_dir) == ["a.state"]
-        assert a.is_dir()
+        keeper = LatestStatesKeeper(states_dir, max_keep=2)
+        good = save(states_dir, "good.state")
+        assert keeper.cleanup() == []  # one good state of the two to keep: nothing goes yet
+        later = save(states_dir, "later.state")
+        assert keeper.cleanup() == [b, c, a]  # oldest first, by mtime among themselves
+        assert names(states_dir) == [good.name, later.name]
 
-    def test_legacy_and_manifest_states_share_one_timeline(self, states_dir: Path) -> None:
+    def test_a_newer_directory_without_manifest_never_pushes_out_the_good_state(
+        self, states_dir: Path
+    ) -> None:
         now = time.time()
         old = legacy(states_dir, "old.state", now - 3600)
         current = save(states_dir, "current.state")
-        legacy(states_dir, "newer.state", now + 3600)
+        newer = legacy(states_dir, "newer.state", now + 3600)
         keeper = LatestStatesKeeper(states_dir, max_keep=1)
-        assert keeper.cleanup() == [old, current]
-        assert names(states_dir) == ["newer.state"]
+        assert keeper.cleanup() == [old, newer]
+        assert names(states_dir) == ["current.state"]
+        _manifest.verify(current)
 
     def test_only_matching_directories(self, states_dir: Path) -> None:
         save(states_dir, "a.state")

@@ -1,0 +1,243 @@
+"""Scanning a states dir: what directories it holds, their order keys, their manifests.
+
+Reads as little as it can: the head of each manifest orders a state (its sequence);
+whole manifests are read only for the states a caller asks about. Nothing here follows a
+symlink, opens a special file, or lets one unreadable state stop the others: such a
+state is reported once per path in the log and skipped (or, for the keeper, counted as
+not verifying).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import stat
+import threading
+import zlib
+from collections import OrderedDict
+from datetime import datetime, timezone
+from pathlib import Path
+
+from statekeep import _atomic, _fork, _manifest
+from statekeep._order import Entry, EntryKind, StateInfo
+from statekeep.errors import CorruptStateError
+
+__all__ = [
+    "VerifiedCache",
+    "check_manifest_file",
+    "components_key",
+    "head_info",
+    "info_of",
+    "read_manifest",
+    "scan",
+    "seal_of",
+    "verified",
+    "warn_once",
+]
+
+logger = logging.getLogger("statekeep")
+
+# Metadata key under which the store records the names of the components it saved (so
+# that a component which wrote nothing is not taken for a missing one). Never shown.
+components_key = "statekeep:components"
+
+
+def check_manifest_file(directory: str) -> None:
+    """Refuse a manifest that is not a regular file before opening it (a FIFO would hang).
+
+    Raises:
+        CorruptStateError: the manifest is special, or cannot even be looked at.
+    """
+    path = f"{directory}/{_manifest.MANIFEST_NAME}"
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return  # read_manifest says whether the state or only its manifest is gone
+    except OSError as exc:
+        raise CorruptStateError(f"manifest {path} cannot be read: {exc}") from exc
+    if not stat.S_ISREG(mode):
+        raise CorruptStateError(f"manifest {path} is not a regular file")
+
+
+def read_manifest(directory: str) -> _manifest.Manifest:
+    """The whole manifest of ``directory``; every failure but "gone" is a CorruptStateError.
+
+    Raises:
+        FileNotFoundError: ``directory`` no longer exists.
+        CorruptStateError: the manifest is missing, unreadable, special or malformed.
+    """
+    check_manifest_file(directory)
+    try:
+        return _manifest.read_manifest(directory)
+    except (FileNotFoundError, CorruptStateError):
+        raise
+    except (OSError, RecursionError, OverflowError, ValueError) as exc:
+        raise CorruptStateError(f"state {directory}: manifest cannot be read: {exc}") from exc
+
+
+def seal_of(manifest: _manifest.Manifest) -> int:
+    """The manifest's own checksum: what "the same manifest" means for the verified cache."""
+    seal = getattr(manifest, "seal", None)
+    if isinstance(seal, int):
+        return seal
+    return zlib.crc32(manifest.to_bytes())  # before Manifest.seal: same bytes, same CRC
+
+
+def _head(directory: str) -> tuple[float, int] | Exception | None:
+    """(created, sequence) from the head of the manifest; None when there is no manifest."""
+    path = f"{directory}/{_manifest.MANIFEST_NAME}"
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return exc
+    if not stat.S_ISREG(mode):
+        return CorruptStateError(f"manifest {path} is not a regular file")
+    order = _manifest.read_order(directory)
+    if order is not None:
+        return order
+    try:  # laid out otherwise (or damaged): a whole parse places it, or says why not
+        m = read_manifest(directory)
+    except (CorruptStateError, FileNotFoundError) as exc:
+        return exc
+    return m.created_at.timestamp(), m.sequence
+
+
+def scan(states_dir: str | Path, match: str | None = None) -> list[Entry]:
+    """Every directory of ``states_dir`` (not private work, not a symlink), unordered.
+
+    A directory whose manifest head gives a sequence is a :attr:`EntryKind.STATE`;
+    any other (no manifest, unreadable, damaged head) is :attr:`EntryKind.UNSEQUENCED`
+    with its mtime. Entries removed while we looked are left out.
+    """
+    root = os.fspath(states_dir)
+    found: list[Entry] = []
+    try:
+        it = os.scandir(root)
+    except FileNotFoundError:
+        return found
+    with it:
+        for d in it:
+            if _atomic.is_private(d.name) or not d.is_dir(follow_symlinks=False):
+                continue
+            if match is not None and not fnmatch.fnmatchcase(d.name, match):
+                continue
+            head = _head(d.path)
+            if isinstance(head, FileNotFoundError):
+                continue  # removed while we looked
+            if isinstance(head, tuple):
+                found.append(Entry(Path(d.path), EntryKind.STATE, head[1], head[0]))
+                continue
+            if isinstance(head, Exception):
+                warn_once(d.path, head)
+            try:
+                mtime = d.stat(follow_symlinks=False).st_mtime
+            except FileNotFoundError:
+                continue
+            found.append(Entry(Path(d.path), EntryKind.UNSEQUENCED, created=mtime))
+    return found
+
+
+def info_of(path: Path, manifest: _manifest.Manifest) -> StateInfo:
+    """The listing of a state from its manifest (its private metadata keys left out)."""
+    meta = dict(getattr(manifest, "metadata", None) or {})
+    meta.pop(components_key, None)
+    return StateInfo(
+        path,
+        manifest.created_at.astimezone(timezone.utc),
+        manifest.size_bytes,
+        manifest.sequence,
+        meta,
+    )
+
+
+def head_info(entry: Entry) -> StateInfo:
+    """How a directory whose manifest cannot be read whole appears to a retention policy."""
+    return StateInfo(
+        entry.path, datetime.fromtimestamp(entry.created, timezone.utc), 0, entry.sequence
+    )
+
+
+_warned: OrderedDict[tuple[str, str], None] = OrderedDict()
+_warned_lock = threading.Lock()
+
+
+def warn_once(path: str | os.PathLike[str], problem: BaseException) -> None:
+    """Log that ``path`` is skipped because of ``problem``, once per path and problem."""
+    key = (os.fspath(path), str(problem))
+    with _warned_lock:
+        if key in _warned:
+            return
+        _warned[key] = None
+        if len(_warned) > 4096:
+            _warned.popitem(last=False)
+    logger.warning("statekeep: skipping %s: %s", key[0], problem)
+
+
+class VerifiedCache:
+    """Which states verified, keyed by (path, sequence, manifest seal); bounded, shared.
+
+    A committed state never changes in place, so once one has been read in full and
+    matched its manifest, the same manifest at the same path needs no second reading.
+    """
+
+    def __init__(self, size: int = 65536) -> None:
+        self._size = size
+        self._results: OrderedDict[tuple[str, int, int], bool] = OrderedDict()
+        self._lock = threading.Lock()
+        _fork.on_fork_child(self._after_fork)
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, int, int]) -> bool | None:
+        with self._lock:
+            return self._results.get(key)
+
+    def put(self, key: tuple[str, int, int], good: bool) -> None:
+        with self._lock:
+            self._results[key] = good
+            self._results.move_to_end(key)
+            if len(self._results) > self._size:
+                self._results.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._results.clear()
+
+
+_cache = VerifiedCache()
+
+
+def verified(path: Path, cache: VerifiedCache = _cache) -> bool:
+    """Whether the state at ``path`` verifies, reading its files only once per manifest.
+
+    Logs (once) why a state does not verify. A state that vanished does not verify.
+    """
+    root = os.fspath(path)
+    try:
+        manifest = read_manifest(root)
+    except FileNotFoundError:
+        return False
+    except CorruptStateError as exc:
+        warn_once(root, exc)
+        return False
+    key = (root, manifest.sequence, seal_of(manifest))
+    known = cache.get(key)
+    if known is not None:
+        return known
+    try:
+        _manifest.verify(root)
+    except FileNotFoundError:
+        return False
+    except CorruptStateError as exc:
+        warn_once(root, exc)
+        cache.put(key, False)  # the content disagrees with the manifest: it stays so
+        return False
+    except (OSError, RecursionError, OverflowError, ValueError) as exc:
+        warn_once(root, exc)  # maybe passing (EIO, a permission): ask again next time
+        return False
+    cache.put(key, True)
+    return True
