@@ -124,7 +124,7 @@ class KeepLatest(_Combinable):
 
     def keep(self, states: Sequence[StateInfo], now: datetime) -> set[Path]:
         """The last ``n`` of ``states``."""
-        return {s.path for s in states[len(states) - self.n :]} if self.n else set()
+        return {s.path for s in states[max(len(states) - self.n, 0) :]} if self.n else set()
 
 
 @dataclass(frozen=True)
