@@ -9,8 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from statekeep import _store
-
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 _BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
@@ -21,8 +19,6 @@ def blocks(page: str) -> list[str]:
 
 @pytest.mark.parametrize("page", ["getting-started.md", "retention.md"])
 def test_page_runs(page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    if page == "retention.md" and not _store._COMMIT_TAKES_METADATA:
-        pytest.skip("needs the commit layer's metadata")
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, object] = {"__name__": "__docs__"}
     out = io.StringIO()

@@ -22,7 +22,6 @@ from statekeep import (
     _atomic,
     _manifest,
     _scan,
-    _store,
 )
 from statekeep import _keeper as keeper_module
 
@@ -116,7 +115,7 @@ class TestCleanup:
         keeper = LatestStatesKeeper(states_dir, max_keep=2)
         assert keeper.cleanup() == [states_dir / "z.state", states_dir / "y.state"]
         assert names(states_dir) == ["w.state", "x.state"]
-        assert os.listdir(states_dir / _atomic.PRIVATE_DIR) == ["sequence"]
+        assert sorted(os.listdir(states_dir)) == ["w.state", "x.state"]  # nothing private
 
     def test_legacy_directories_never_count_as_kept(self, states_dir: Path) -> None:
         now = time.time()
@@ -213,11 +212,12 @@ class TestCleanup:
         assert names(states_dir) == ["17.state", "18.state", "19.state"]
 
     def test_a_pass_reclaims_dead_saves_but_not_live_ones(self, states_dir: Path) -> None:
-        private = _atomic.ensure_private(states_dir, durable=False)
-        dead = private / "0123456789abcdef.work"  # a killed save: nobody holds its lock
+        _atomic.make_root(states_dir, durable=False)
+        private = states_dir
+        dead = private / ".statekeep-0123456789abcdef.work"  # a killed save: nobody holds its lock
         dead.mkdir()
         (dead / "model.pt").write_bytes(b"half")
-        trash = private / "fedcba9876543210.trash"  # an interrupted removal
+        trash = private / ".statekeep-fedcba9876543210.trash"  # an interrupted removal
         trash.mkdir()
         live = _atomic.Work(private, is_dir=True)  # a save still running
         try:
@@ -349,7 +349,7 @@ class TestSaveInProgress:
         keeper = ObservedKeeper(states_dir, max_keep=1, cleanup_interval=0)
         try:
             assert slow.entered.wait(30)
-            [build] = (states_dir / _atomic.PRIVATE_DIR).glob("*.work")
+            [build] = states_dir.glob(".statekeep-*.work")
             assert keeper.cleanup() == []
             keeper.start()
             assert keeper.wait_passes(5)
@@ -437,7 +437,7 @@ class TestConcurrentSavesWhilePruning:
             assert check_state(path) == reported[path]
         assert len(remaining) == 2
         StateStore(states_dir)
-        assert os.listdir(states_dir / _atomic.PRIVATE_DIR) == ["sequence"]
+        assert [n for n in os.listdir(states_dir) if _atomic.is_private(n)] == []
 
 
 def flip_bit(path: Path, offset: int) -> None:
@@ -579,8 +579,6 @@ class TestPolicyArgument:
     def test_best_by_metric_plus_the_newest(self, states_dir: Path) -> None:
         store = StateStore(states_dir, "%Y-%m-%d_%H-%M-%S,%f.state")
         store.register("blob", Blob())
-        if not _store._COMMIT_TAKES_METADATA:
-            pytest.skip("needs the commit layer's metadata")
         losses = [0.9, 0.2, 0.5, 0.1, 0.7, 0.8]
         made = [store.save_state(metadata={"loss": x}) for x in losses]
         keeper = LatestStatesKeeper(states_dir, policy=KeepBest("loss", 2) | KeepLatest(1))

@@ -12,9 +12,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
-import stat
 import threading
-import zlib
 from collections import OrderedDict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,13 +23,11 @@ from statekeep.errors import CorruptStateError
 
 __all__ = [
     "VerifiedCache",
-    "check_manifest_file",
     "components_key",
     "head_info",
     "info_of",
     "read_manifest",
     "scan",
-    "seal_of",
     "verified",
     "warn_once",
 ]
@@ -43,63 +39,30 @@ logger = logging.getLogger("statekeep")
 components_key = "statekeep:components"
 
 
-def check_manifest_file(directory: str) -> None:
-    """Refuse a manifest that is not a regular file before opening it (a FIFO would hang).
-
-    Raises:
-        CorruptStateError: the manifest is special, or cannot even be looked at.
-    """
-    path = f"{directory}/{_manifest.MANIFEST_NAME}"
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return  # read_manifest says whether the state or only its manifest is gone
-    except OSError as exc:
-        raise CorruptStateError(f"manifest {path} cannot be read: {exc}") from exc
-    if not stat.S_ISREG(mode):
-        raise CorruptStateError(f"manifest {path} is not a regular file")
-
-
 def read_manifest(directory: str) -> _manifest.Manifest:
-    """The whole manifest of ``directory``; every failure but "gone" is a CorruptStateError.
+    """The whole manifest of ``directory``.
 
     Raises:
         FileNotFoundError: ``directory`` no longer exists.
         CorruptStateError: the manifest is missing, unreadable, special or malformed.
     """
-    check_manifest_file(directory)
-    try:
-        return _manifest.read_manifest(directory)
-    except (FileNotFoundError, CorruptStateError):
-        raise
-    except (OSError, RecursionError, OverflowError, ValueError) as exc:
-        raise CorruptStateError(f"state {directory}: manifest cannot be read: {exc}") from exc
-
-
-def seal_of(manifest: _manifest.Manifest) -> int:
-    """The manifest's own checksum: what "the same manifest" means for the verified cache."""
-    seal = getattr(manifest, "seal", None)
-    if isinstance(seal, int):
-        return seal
-    return zlib.crc32(manifest.to_bytes())  # before Manifest.seal: same bytes, same CRC
+    return _manifest.read_manifest(directory)
 
 
 def _head(directory: str) -> tuple[float, int] | Exception | None:
     """(created, sequence) from the head of the manifest; None when there is no manifest."""
-    path = f"{directory}/{_manifest.MANIFEST_NAME}"
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        return exc
-    if not stat.S_ISREG(mode):
-        return CorruptStateError(f"manifest {path} is not a regular file")
-    order = _manifest.read_order(directory)
+    order = _manifest.read_order(directory)  # the common case: one open, one read
     if order is not None:
         return order
-    try:  # laid out otherwise (or damaged): a whole parse places it, or says why not
-        m = read_manifest(directory)
+    path = f"{directory}/{_manifest.MANIFEST_NAME}"
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return None if os.path.isdir(directory) else FileNotFoundError(directory)
+    except OSError as exc:
+        return CorruptStateError(f"state {directory}: manifest {path} cannot be read: {exc}")
+    try:  # laid out otherwise, special or damaged: a whole parse places it, or says why not
+        m = _manifest.read_manifest(directory)
     except (CorruptStateError, FileNotFoundError) as exc:
         return exc
     return m.created_at.timestamp(), m.sequence
@@ -142,7 +105,7 @@ def scan(states_dir: str | Path, match: str | None = None) -> list[Entry]:
 
 def info_of(path: Path, manifest: _manifest.Manifest) -> StateInfo:
     """The listing of a state from its manifest (its private metadata keys left out)."""
-    meta = dict(getattr(manifest, "metadata", None) or {})
+    meta = dict(manifest.metadata)
     meta.pop(components_key, None)
     return StateInfo(
         path,
@@ -224,7 +187,7 @@ def verified(path: Path, cache: VerifiedCache = _cache) -> bool:
     except CorruptStateError as exc:
         warn_once(root, exc)
         return False
-    key = (root, manifest.sequence, seal_of(manifest))
+    key = (root, manifest.sequence, manifest.seal)
     known = cache.get(key)
     if known is not None:
         return known
@@ -234,10 +197,8 @@ def verified(path: Path, cache: VerifiedCache = _cache) -> bool:
         return False
     except CorruptStateError as exc:
         warn_once(root, exc)
-        cache.put(key, False)  # the content disagrees with the manifest: it stays so
-        return False
-    except (OSError, RecursionError, OverflowError, ValueError) as exc:
-        warn_once(root, exc)  # maybe passing (EIO, a permission): ask again next time
+        if not isinstance(exc.__cause__, OSError):  # EIO or a permission may pass: ask again
+            cache.put(key, False)
         return False
     cache.put(key, True)
     return True

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import errno
-import inspect
-import json
 import logging
 import os
 import threading
@@ -96,8 +94,8 @@ class StateStore:
         self._states: dict[str, PersistentStateMixin] = {}
         self._lock = threading.Lock()
         self._root = str(self.states_dir)
-        self._counter = _sequence.SequenceCounter(f"{self._root}/{_atomic.PRIVATE_DIR}")
-        _atomic.ensure_private(self.states_dir, durable=durable)
+        _atomic.make_root(self.states_dir, durable=durable)
+        self._counter = _sequence.SequenceCounter(self._root)
         _atomic.sweep(self.states_dir)
 
     def register(self, name: str, state: PersistentStateMixin) -> None:
@@ -150,7 +148,7 @@ class StateStore:
         with _commit.BuildDir(self._root, durable=self.durable, counter=self._counter) as b:
             for component, state in components:
                 state.save_state(b.path / component)
-            manifest = _commit_with(b, final, meta)
+            manifest = b.commit(final, metadata=meta)
         logger.debug(
             "statekeep: saved state %s (sequence %d, %d bytes)",
             final,
@@ -179,7 +177,7 @@ class StateStore:
         names: set[str] | None = None
         recorded: object = None
         if verify:
-            manifest = _verify(root)
+            manifest = _manifest.verify(root)
         else:
             try:
                 manifest = _scan.read_manifest(root)
@@ -189,7 +187,7 @@ class StateStore:
                     raise FileNotFoundError(f"state {root} does not exist") from None
                 names = set(os.listdir(root))
         if manifest is not None:
-            recorded = dict(getattr(manifest, "metadata", None) or {}).get(_scan.components_key)
+            recorded = manifest.metadata.get(_scan.components_key)
             names = {e.path.split("/", 1)[0] for e in manifest.entries}
         components = list(self._components())
         if isinstance(recorded, list):
@@ -302,43 +300,11 @@ def _holds(top: str, component: str) -> bool:
 
 
 def _check_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A copy of ``metadata`` once every value is known to encode as JSON."""
-    if metadata is None:
-        return {}
-    if not isinstance(metadata, Mapping):
-        raise TypeError(f"metadata must be a mapping, not {type(metadata).__name__}")
-    out: dict[str, Any] = {}
-    for key, value in metadata.items():
-        if not isinstance(key, str):
-            raise TypeError(f"metadata key {key!r} is not a str")
-        if key == _scan.components_key:
-            raise ValueError(f"metadata key {key!r} is reserved for statekeep")
-        try:
-            json.dumps(value, allow_nan=False)
-        except (TypeError, ValueError, RecursionError) as exc:
-            raise TypeError(f"metadata[{key!r}] is not JSON-ready: {exc}") from None
-        out[key] = value
-    return out
-
-
-_COMMIT_TAKES_METADATA = "metadata" in inspect.signature(_commit.BuildDir.commit).parameters
-
-
-def _commit_with(b: _commit.BuildDir, final: str, meta: dict[str, Any]) -> _manifest.Manifest:
-    # Shim until the commit layer records metadata: without it, nothing is recorded.
-    if _COMMIT_TAKES_METADATA:
-        return b.commit(final, metadata=meta)  # type: ignore[call-arg,no-any-return,unused-ignore]
-    return b.commit(final)
-
-
-def _verify(root: str) -> _manifest.Manifest:
-    _scan.check_manifest_file(root)  # refuses a special manifest before verify opens it
-    try:
-        return _manifest.verify(root)
-    except (FileNotFoundError, CorruptStateError):
-        raise
-    except (OSError, RecursionError, OverflowError, ValueError) as exc:
-        raise CorruptStateError(f"state {root} cannot be read: {exc}") from exc
+    """A copy of ``metadata`` once it is known to encode as JSON (the key is reserved)."""
+    checked = _manifest.check_metadata(metadata)
+    if _scan.components_key in checked:
+        raise ValueError(f"metadata key {_scan.components_key!r} is reserved for statekeep")
+    return checked
 
 
 def verify_state(path: str | Path) -> StateInfo:
@@ -349,4 +315,4 @@ def verify_state(path: str | Path) -> StateInfo:
         CorruptStateError: any file differs from the manifest, or cannot be read.
     """
     root = os.fspath(path)
-    return _scan.info_of(Path(root), _verify(root))
+    return _scan.info_of(Path(root), _manifest.verify(root))
