@@ -27,14 +27,14 @@ class TestOrder:
     """Newest is the highest sequence; unsequenced entries sit below, by mtime."""
 
     def test_sequence_beats_time_and_name(self) -> None:
-        a = Entry(Path("/s/z"), EntryKind.STATE, sequence=1, created=2e9)
-        b = Entry(Path("/s/a"), EntryKind.STATE, sequence=2, created=1e9)
+        a = Entry("/s/z", EntryKind.STATE, sequence=1, created=2e9)
+        b = Entry("/s/a", EntryKind.STATE, sequence=2, created=1e9)
         assert oldest_first([b, a]) == [a, b]
 
     def test_unsequenced_below_every_state_by_mtime(self) -> None:
-        s = Entry(Path("/s/s"), EntryKind.STATE, sequence=1, created=0.0)
-        old = Entry(Path("/s/old"), EntryKind.UNSEQUENCED, created=5.0)
-        new = Entry(Path("/s/new"), EntryKind.UNSEQUENCED, created=9e9)
+        s = Entry("/s/s", EntryKind.STATE, sequence=1, created=0.0)
+        old = Entry("/s/old", EntryKind.UNSEQUENCED, created=5.0)
+        new = Entry("/s/new", EntryKind.UNSEQUENCED, created=9e9)
         assert oldest_first([s, new, old]) == [old, new, s]
 
 

@@ -638,7 +638,7 @@ def gen_store(states_dir: Path) -> tuple[StateStore, Gen, Gen]:
 class TestLoaderRacingKeeper:
     """A loader racing saves and a max_keep=1 keeper loads the newest state that still exists."""
 
-    LOADS = 300
+    LOADS = 500
 
     def check_loads(self, states_dir: Path) -> int:
         loader, a, b = gen_store(states_dir)

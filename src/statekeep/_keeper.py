@@ -87,7 +87,7 @@ class LatestStatesKeeper:
         if not self.states_dir.is_dir():
             logger.warning("statekeep: states_dir %s does not exist; creating it", self.states_dir)
             self.states_dir.mkdir(parents=True, exist_ok=True)
-        self._infos: dict[tuple[Path, int], StateInfo] = {}
+        self._infos: dict[tuple[str, int], tuple[StateInfo, int]] = {}
         self._after_fork()
         _fork.on_fork_child(self._after_fork)
 
@@ -106,41 +106,52 @@ class LatestStatesKeeper:
             return self.policy
         return KeepLatest(self.max_keep) if self.max_keep > 0 else None
 
-    def _states(self) -> tuple[list[StateInfo], set[Path]]:
-        """Every matching directory as a policy sees it, oldest first; and those that
-        cannot verify (no manifest, or one that cannot be read)."""
+    def _states(self) -> tuple[list[StateInfo], dict[Path, int | None]]:
+        """Every matching directory as a policy sees it, oldest first; and the seal of
+        each one's manifest (None: no manifest, or one that cannot be read)."""
         infos: list[StateInfo] = []
-        seen: dict[tuple[Path, int], StateInfo] = {}
-        unverifiable: set[Path] = set()
+        seals: dict[Path, int | None] = {}
+        seen: dict[tuple[str, int], tuple[StateInfo, int]] = {}
         for entry in oldest_first(_scan.scan(self.states_dir, self.state_name_pattern)):
             if entry.kind is not EntryKind.STATE:
-                infos.append(_scan.head_info(entry))
-                unverifiable.add(entry.path)
-                continue
-            key = (entry.path, entry.sequence)
-            info = self._infos.get(key)
-            if info is None:
-                try:
-                    info = _scan.info_of(entry.path, _scan.read_manifest(str(entry.path)))
-                except FileNotFoundError:
-                    continue  # removed while we looked
-                except CorruptStateError as exc:
-                    _scan.warn_once(entry.path, exc)
-                    info = _scan.head_info(entry)  # ordered by its head; never verifies
-                    unverifiable.add(entry.path)
-            seen[key] = info
+                info = _scan.head_info(entry)
+                seal: int | None = None
+            else:
+                key = (entry.path, entry.sequence)
+                known = self._infos.get(key)
+                if known is None:
+                    try:
+                        manifest = _scan.read_manifest(entry.path)
+                    except FileNotFoundError:
+                        continue  # removed while we looked
+                    except CorruptStateError as exc:
+                        _scan.warn_once(entry.path, exc)
+                        known = None
+                    else:
+                        known = (_scan.info_of(Path(entry.path), manifest), manifest.seal)
+                if known is None:
+                    info, seal = _scan.head_info(entry), None  # ordered by its head only
+                else:
+                    seen[key] = known
+                    info, seal = known
             infos.append(info)
+            seals[info.path] = seal
         self._infos = seen  # forget what is gone
-        return infos, unverifiable
+        return infos, seals
 
     def plan(self, now: datetime | None = None) -> list[Path]:
         """What :meth:`cleanup` would remove now, oldest first; removes nothing."""
-        states, unverifiable = self._states()
+        states, seals = self._states()
+
+        def is_good(s: StateInfo) -> bool:
+            seal = seals.get(s.path)
+            return seal is not None and _scan.verified(s.path, s.sequence, seal)
+
         return plan_removals(
             states,
             self._policy() if self.max_keep >= 0 or self.policy is not None else None,
             now or datetime.now(timezone.utc),
-            lambda s: s.path not in unverifiable and _scan.verified(s.path),
+            is_good,
             remove_all=self.policy is None and self.max_keep == 0,
         )
 

@@ -63,9 +63,12 @@ class StateInfo:
 
 @dataclass(frozen=True)
 class Entry:
-    """One directory as a scan saw it: enough to order it, nothing more."""
+    """One directory as a scan saw it: enough to order it, nothing more.
 
-    path: Path
+    ``path`` is a str: a scan of 10,000 states should not build 10,000 Paths to return one.
+    """
+
+    path: str
     kind: EntryKind
     sequence: int = 0
     created: float = 0.0
@@ -73,10 +76,10 @@ class Entry:
 
     @property
     def key(self) -> tuple[int, float, str]:
-        """Sort key: unsequenced first by mtime, then states by sequence; ties by name."""
+        """Sort key: unsequenced first by mtime, then states by sequence; ties by path."""
         if self.kind is EntryKind.STATE:
-            return (1, float(self.sequence), self.path.name)
-        return (0, self.created, self.path.name)
+            return (1, self.sequence, self.path)
+        return (0, self.created, self.path)
 
 
 def oldest_first(entries: Iterable[Entry]) -> list[Entry]:

@@ -91,7 +91,7 @@ def scan(states_dir: str | Path, match: str | None = None) -> list[Entry]:
             if isinstance(head, FileNotFoundError):
                 continue  # removed while we looked
             if isinstance(head, tuple):
-                found.append(Entry(Path(d.path), EntryKind.STATE, head[1], head[0]))
+                found.append(Entry(d.path, EntryKind.STATE, head[1], head[0]))
                 continue
             if isinstance(head, Exception):
                 warn_once(d.path, head)
@@ -99,7 +99,7 @@ def scan(states_dir: str | Path, match: str | None = None) -> list[Entry]:
                 mtime = d.stat(follow_symlinks=False).st_mtime
             except FileNotFoundError:
                 continue
-            found.append(Entry(Path(d.path), EntryKind.UNSEQUENCED, created=mtime))
+            found.append(Entry(d.path, EntryKind.UNSEQUENCED, created=mtime))
     return found
 
 
@@ -118,9 +118,8 @@ def info_of(path: Path, manifest: _manifest.Manifest) -> StateInfo:
 
 def head_info(entry: Entry) -> StateInfo:
     """How a directory whose manifest cannot be read whole appears to a retention policy."""
-    return StateInfo(
-        entry.path, datetime.fromtimestamp(entry.created, timezone.utc), 0, entry.sequence
-    )
+    when = datetime.fromtimestamp(entry.created, timezone.utc)
+    return StateInfo(Path(entry.path), when, 0, entry.sequence)
 
 
 _warned: OrderedDict[tuple[str, str], None] = OrderedDict()
@@ -174,31 +173,28 @@ class VerifiedCache:
 _cache = VerifiedCache()
 
 
-def verified(path: Path, cache: VerifiedCache = _cache) -> bool:
+def verified(
+    path: Path, sequence: int | None = None, seal: int | None = None, cache: VerifiedCache = _cache
+) -> bool:
     """Whether the state at ``path`` verifies, reading its files only once per manifest.
 
-    Logs (once) why a state does not verify. A state that vanished does not verify.
+    ``sequence`` and ``seal``, when the caller read them already, spare re-reading the
+    manifest of a state known to verify. Logs (once) why a state does not verify. A
+    state that vanished does not verify.
     """
     root = os.fspath(path)
+    if sequence is not None and seal is not None:
+        known = cache.get((root, sequence, seal))
+        if known is not None:
+            return known
     try:
-        manifest = read_manifest(root)
+        manifest = _manifest.verify(root)
     except FileNotFoundError:
         return False
     except CorruptStateError as exc:
         warn_once(root, exc)
+        if seal is not None and sequence is not None and not isinstance(exc.__cause__, OSError):
+            cache.put((root, sequence, seal), False)  # EIO or a permission may pass: ask again
         return False
-    key = (root, manifest.sequence, manifest.seal)
-    known = cache.get(key)
-    if known is not None:
-        return known
-    try:
-        _manifest.verify(root)
-    except FileNotFoundError:
-        return False
-    except CorruptStateError as exc:
-        warn_once(root, exc)
-        if not isinstance(exc.__cause__, OSError):  # EIO or a permission may pass: ask again
-            cache.put(key, False)
-        return False
-    cache.put(key, True)
+    cache.put((root, manifest.sequence, manifest.seal), True)
     return True

@@ -221,7 +221,7 @@ class StateStore:
             if entry.kind is not EntryKind.STATE:
                 continue
             try:
-                infos.append(_scan.info_of(entry.path, _scan.read_manifest(str(entry.path))))
+                infos.append(_scan.info_of(Path(entry.path), _scan.read_manifest(entry.path)))
             except FileNotFoundError:
                 continue  # removed while we looked
             except CorruptStateError as exc:
@@ -234,13 +234,13 @@ class StateStore:
             if entry.kind is not EntryKind.STATE:
                 break  # unsequenced entries are all ordered below the states
             try:
-                _scan.read_manifest(str(entry.path))
+                _scan.read_manifest(entry.path)
             except FileNotFoundError:
                 continue
             except CorruptStateError as exc:
                 _scan.warn_once(entry.path, exc)
                 continue
-            return entry.path
+            return Path(entry.path)
         return None
 
     def load_latest_state(self, *, allow_missing: bool = False) -> Path | None:
@@ -255,10 +255,12 @@ class StateStore:
             MissingComponentsError: the newest state that verifies lacks registered
                 components (never skipped silently; pass ``allow_missing=True``).
         """
-        bad: set[Path] = set()
+        bad: set[str] = set()
+        seen: list[str] | None = None
         for _ in range(_MAX_RESCANS):
             vanished = False
-            for entry in reversed(oldest_first(_scan.scan(self._root))):
+            entries = oldest_first(_scan.scan(self._root))
+            for entry in reversed(entries):
                 if entry.kind is not EntryKind.STATE:
                     break
                 if entry.path in bad:
@@ -283,9 +285,17 @@ class StateStore:
                 if not os.path.isdir(entry.path):
                     vanished = True  # pruned under the components: load the whole again
                     break
-                return entry.path
-            if not vanished:
+                return Path(entry.path)
+            if vanished:
+                continue
+            # A listing taken while states are renamed in and out may miss both the state
+            # that went and the one that came (readdir promises nothing about entries
+            # changed under it): "nothing loadable" stands only when a second listing
+            # agrees with the first.
+            listing = [e.path for e in entries]
+            if listing == seen:
                 return None
+            seen = listing
         raise StatekeepError(
             f"states in {self._root} kept vanishing while loading ({_MAX_RESCANS} attempts)"
         )
