@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 __all__ = [
     "EntryKind",
@@ -61,11 +61,11 @@ class StateInfo:
     location: Literal["local", "remote", "both"] = "local"
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
     """One directory as a scan saw it: enough to order it, nothing more.
 
-    ``path`` is a str: a scan of 10,000 states should not build 10,000 Paths to return one.
+    ``path`` is a str, and this a tuple: a scan of 10,000 states should not build
+    10,000 Paths or dataclasses to return one.
     """
 
     path: str

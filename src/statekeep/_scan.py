@@ -50,10 +50,8 @@ def read_manifest(directory: str) -> _manifest.Manifest:
 
 
 def _head(directory: str) -> tuple[float, int] | Exception | None:
-    """(created, sequence) from the head of the manifest; None when there is no manifest."""
-    order = _manifest.read_order(directory)  # the common case: one open, one read
-    if order is not None:
-        return order
+    """(created, sequence) of a manifest whose head is not as statekeep writes it; None
+    when there is no manifest; the error when it cannot be placed."""
     path = f"{directory}/{_manifest.MANIFEST_NAME}"
     try:
         os.lstat(path)
@@ -86,6 +84,10 @@ def scan(states_dir: str | Path, match: str | None = None) -> list[Entry]:
             if _atomic.is_private(d.name) or not d.is_dir(follow_symlinks=False):
                 continue
             if match is not None and not fnmatch.fnmatchcase(d.name, match):
+                continue
+            order = _manifest.read_order(d.path)  # the common case: one open, one read
+            if order is not None:
+                found.append(Entry(d.path, EntryKind.STATE, order[1], order[0]))
                 continue
             head = _head(d.path)
             if isinstance(head, FileNotFoundError):
