@@ -45,7 +45,10 @@ def serve(save_loop: Callable[[int, int, bool], None]) -> None:
             os._exit(code)
         os.close(go_r)
         emit(f"pid {pid}")
-        os.write(go_w, b"g")
+        try:
+            os.write(go_w, b"g")
+        except BrokenPipeError:
+            pass  # the child was killed before it started: nothing to release
         os.close(go_w)
         _, status = os.waitpid(pid, 0)
         emit(f"exit {pid} {status}")
