@@ -135,6 +135,37 @@ class TestSweep:
         assert _atomic.sweep(states_dir) == [held]
         assert not held.exists()
 
+    def test_a_forked_child_does_not_keep_dead_work_alive(
+        self, states_dir: Path, worker_cmd: list[str], worker_env: dict[str, str]
+    ) -> None:
+        proc = subprocess.Popen(
+            [*worker_cmd, "hold-fork", str(states_dir)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=worker_env,
+        )
+        child = -1
+        try:
+            assert proc.stdout is not None
+            kind, path_text, child_text = proc.stdout.readline().decode().split()
+            assert kind == "held"
+            held, child = Path(path_text), int(child_text)
+            assert _atomic.sweep(states_dir) == []  # alive: left alone
+            os.kill(proc.pid, signal.SIGKILL)
+            assert proc.wait(30) == -signal.SIGKILL
+            # The saver is dead; its forked child still runs, and must not hold the lock.
+            os.kill(child, 0)
+            assert _atomic.sweep(states_dir) == [held]
+        finally:
+            for stream in (proc.stdin, proc.stdout):
+                if stream is not None:
+                    stream.close()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(30)
+            if child > 0:
+                os.kill(child, signal.SIGKILL)
+
     def test_pending_is_kept_while_young_and_reclaimed_when_old(self, private: Path) -> None:
         young = private / ".statekeep-a.pending"
         old = private / ".statekeep-b.pending"

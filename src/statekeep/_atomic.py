@@ -35,9 +35,11 @@ import secrets
 import stat
 import sys
 import time
+import weakref
 from collections.abc import Iterable
 from pathlib import Path
 
+from statekeep import _fork
 from statekeep.errors import StateExistsError, StorageError
 
 logger = logging.getLogger("statekeep")
@@ -128,6 +130,28 @@ def add_note(error: BaseException, note: str) -> None:
         logger.warning("statekeep: %s (while handling %r)", note, error)
 
 
+class _LiveWork:
+    """The work entries this process holds, so that a forked child lets go of them.
+
+    A child made by ``fork()`` inherits every descriptor, and an ``flock`` lasts while
+    any descriptor of its open file does: a long-lived child would keep the parent's
+    work "alive" after the parent died, and the sweep would never reclaim it. In the
+    child, each inherited work descriptor is closed (the parent's own stays open).
+    """
+
+    def __init__(self) -> None:
+        self.entries: weakref.WeakSet[Work] = weakref.WeakSet()
+        _fork.on_fork_child(self.reset_in_child)
+
+    def reset_in_child(self) -> None:
+        for work in list(self.entries):
+            fd, work.fd = work.fd, -1
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.entries = weakref.WeakSet()
+
+
 class Work:
     """A locked work entry of a directory: a build directory or a temp file.
 
@@ -135,7 +159,7 @@ class Work:
     the lock and the next :func:`sweep` reclaims the entry.
     """
 
-    __slots__ = ("fd", "spath")
+    __slots__ = ("__weakref__", "fd", "spath")
 
     def __init__(self, root: str | os.PathLike[str], *, is_dir: bool) -> None:
         base = f"{root}/{PREFIX}{_token()}"  # str paths: pathlib costs here add up
@@ -155,6 +179,7 @@ class Work:
             raise
         self.fd = fd
         self.spath = work
+        _live.entries.add(self)
 
     @property
     def path(self) -> Path:
@@ -165,6 +190,7 @@ class Work:
         """Drop the lock (after the entry was renamed into place or removed)."""
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
+            _live.entries.discard(self)
             os.close(fd)
 
     def discard(self, cause: BaseException | None = None) -> None:
@@ -182,6 +208,9 @@ class Work:
             add_note(cause, f"statekeep could not remove its work entry {self.spath}: {exc!r}")
         finally:
             self.release()
+
+
+_live = _LiveWork()
 
 
 def new_work(root: str | os.PathLike[str], *, is_dir: bool, durable: bool) -> tuple[Work, bool]:
