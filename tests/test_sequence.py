@@ -239,3 +239,28 @@ class TestCarryOver:
         _atomic.sweep(states_dir)
         assert os.listdir(states_dir) == []
         assert sorted(os.listdir(outside)) == ["sequence", "x.work", "y.trash"]
+
+
+class TestCostPerCommit:
+    """With the attribute, a commit reads no manifest: no work grows with the states kept."""
+
+    def test_no_manifest_is_read(self, states_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        counter = _sequence.SequenceCounter(states_dir)
+
+        def save(name: str) -> int:
+            with _commit.BuildDir(states_dir, durable=False, counter=counter) as build:
+                return build.commit(states_dir / name).sequence
+
+        for i in range(30):
+            save(f"{i}.s")
+        reads: list[str] = []
+        real = _manifest.read_order
+
+        def counting(directory: str) -> tuple[float, int] | None:
+            reads.append(directory)
+            return real(directory)
+
+        monkeypatch.setattr(_manifest, "read_order", counting)
+        assert [save(f"more{i}.s") for i in range(5)] == [31, 32, 33, 34, 35]
+        assert reads == []
+        counter.close()
