@@ -160,7 +160,7 @@ class TestManyProcesses:
     ) -> None:
         _atomic.make_root(states_dir, durable=False)
         if how == "scan":
-            each //= 10  # each number is a real commit
+            each //= 20  # each number is a real commit
         children = [
             subprocess.Popen(
                 [*worker_cmd, "count", str(states_dir), str(each), how],
