@@ -421,3 +421,44 @@ class TestSymlinks:
         _atomic.discard_committed(private, private / "a.state")
         assert os.listdir(private) == []
         assert (victim / "precious").read_bytes() == b"keep"
+
+
+class TestSweepRacingSaves:
+    """A sweep running in a loop beside many saves never takes a live save's work."""
+
+    def test_threads(self, private: Path) -> None:
+        from statekeep import _commit, _manifest
+
+        stop = threading.Event()
+        swept: list[Path] = []
+        errors: list[BaseException] = []
+
+        def sweeper() -> None:
+            while not stop.is_set():
+                swept.extend(_atomic.sweep(private))
+
+        def saver(who: int) -> None:
+            try:
+                for i in range(40):
+                    with _commit.BuildDir(private, durable=False) as build:
+                        (build.path / "sub").mkdir()
+                        (build.path / "sub" / "f").write_bytes(b"%d-%d" % (who, i))
+                        build.commit(private / f"{who}-{i}.state")
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        sweep_thread = threading.Thread(target=sweeper)
+        sweep_thread.start()
+        savers = [threading.Thread(target=saver, args=(w,)) for w in range(4)]
+        for thread in savers:
+            thread.start()
+        for thread in savers:
+            thread.join(120)
+        stop.set()
+        sweep_thread.join(30)
+        assert errors == []
+        assert swept == []
+        names = sorted(os.listdir(private))
+        assert len(names) == 160
+        for name in names:
+            _manifest.verify(private / name)
