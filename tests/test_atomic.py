@@ -199,10 +199,11 @@ class TestSweep:
         (private / ".statekeep-a.trash").mkdir()
         (private / ".statekeep-b.trash").mkdir()
 
-        def refuse(path: str) -> None:
+        def refuse(path: str) -> bool:
             if path.endswith("a.trash"):
                 raise PermissionError(13, "Permission denied", str(path))
             os.rmdir(path)
+            return True
 
         monkeypatch.setattr(_atomic, "remove_tree", refuse)
         with caplog.at_level(logging.WARNING, logger="statekeep"):
@@ -229,7 +230,7 @@ class TestDiscardCommitted:
         state.mkdir(parents=True)
         (state / "f").write_bytes(b"x")
 
-        def die(path: Path) -> None:
+        def die(path: Path) -> bool:
             raise SystemExit("killed between the rename and the delete")
 
         monkeypatch.setattr(_atomic, "remove_tree", die)
@@ -346,7 +347,7 @@ class TestWriteAll:
 class TestCleanupFailure:
     """When removing a work entry fails, its fd and lock are released all the same."""
 
-    def refuse(self, path: str | os.PathLike[str]) -> None:
+    def refuse(self, path: str | os.PathLike[str]) -> bool:
         raise PermissionError(13, "Permission denied", os.fspath(path))
 
     def test_discard_without_a_cause_raises_and_releases(

@@ -226,8 +226,8 @@ def new_work(root: str | os.PathLike[str], *, is_dir: bool, durable: bool) -> tu
         return Work(root, is_dir=is_dir), True
 
 
-def remove_tree(path: str | os.PathLike[str]) -> None:
-    """Remove a file, a link or a directory tree; a path that is already gone is fine.
+def remove_tree(path: str | os.PathLike[str]) -> bool:
+    """Remove a file, a link or a directory tree; False if ``path`` was already gone.
 
     A symbolic link is removed as a link, never followed, wherever it is met. The walk
     is iterative and holds one descriptor at a time, so a tree of any depth goes.
@@ -238,7 +238,8 @@ def remove_tree(path: str | os.PathLike[str]) -> None:
         else:
             os.unlink(path)
     except FileNotFoundError:
-        pass
+        return False
+    return True
 
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | _O_NOFOLLOW
@@ -294,27 +295,42 @@ def _remove_dir_tree(path: str) -> None:
     os.rmdir(path)
 
 
-def _owner_is_gone(path: str) -> bool:
-    """Lock ``path`` without waiting; True (lock taken, then closed) if nobody held it."""
+def _reclaim_work(path: str) -> bool:
+    """Remove the ``.work`` entry ``path`` if its owner is gone; True if it was removed.
+
+    The entry is locked without waiting (a live owner holds the lock) and removed while
+    the lock is held, and only if ``path`` still names the entry that was locked: an
+    owner that committed (renamed the entry away) and then let go of the lock in the
+    meantime has left nothing to reclaim.
+    """
     fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | os.O_NONBLOCK)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        locked = os.fstat(fd)
+        try:
+            now = os.lstat(path)
+        except FileNotFoundError:
+            return False
+        if (now.st_dev, now.st_ino) != (locked.st_dev, locked.st_ino):
+            return False
+        return remove_tree(path)
     finally:
         os.close(fd)
-    return True
 
 
-def _reclaimable(entry: os.DirEntry[str], now: float) -> bool:
-    """Whether the private entry ``entry`` is debris (its owner is gone)."""
+def _reclaim(entry: os.DirEntry[str], now: float) -> bool:
+    """Remove the private entry ``entry`` if it is debris; True if it was removed."""
     if entry.is_symlink():
-        return True  # never ours to follow: the link itself goes
+        return remove_tree(entry.path)  # never ours to follow: the link itself goes
     if entry.name.endswith(".work"):
-        return _owner_is_gone(entry.path)
-    if entry.name.endswith(".pending"):
-        return now - entry.stat(follow_symlinks=False).st_mtime >= PENDING_GRACE
-    return True  # .trash
+        return _reclaim_work(entry.path)
+    young = now - entry.stat(follow_symlinks=False).st_mtime < PENDING_GRACE
+    if entry.name.endswith(".pending") and young:
+        return False
+    return remove_tree(entry.path)  # an old .pending, or .trash
 
 
 def _sweep_entries(directory: str, now: float, removed: list[Path], *, legacy: bool) -> None:
@@ -322,9 +338,8 @@ def _sweep_entries(directory: str, now: float, removed: list[Path], *, legacy: b
         entries = [e for e in it if (legacy or is_private(e.name)) and e.name.endswith(_SUFFIXES)]
     for entry in entries:
         try:
-            if not _reclaimable(entry, now):
+            if not _reclaim(entry, now):
                 continue
-            remove_tree(entry.path)
         except FileNotFoundError:
             continue  # another sweeper got there first
         except OSError as exc:
