@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Any
 from uuid import UUID, uuid4
 
 import pydantic
@@ -12,24 +12,6 @@ from typing_extensions import Self
 from statekeep.storage._base import session_key
 
 __all__ = ["ExecutionContext"]
-
-
-def _uuid_if_it_is_one(value: object) -> object:
-    """A string in a UUID's canonical form becomes that UUID; other strings stay strings.
-
-    A UUID and its string form name the same checkpoint, so a context loaded back from
-    JSON has the same ``session_id`` it was saved with.
-    """
-    if isinstance(value, str):
-        try:
-            as_uuid = UUID(value)
-        except ValueError:
-            return value
-        return as_uuid if str(as_uuid) == value else value
-    return value
-
-
-SessionId = Annotated[UUID | str, pydantic.BeforeValidator(_uuid_if_it_is_one)]
 
 
 class ExecutionContext(pydantic.BaseModel):
@@ -48,11 +30,36 @@ class ExecutionContext(pydantic.BaseModel):
     is read as that UUID.
     """
 
-    session_id: SessionId = pydantic.Field(default_factory=uuid4)
+    session_id: UUID | str = pydantic.Field(default_factory=uuid4)
+    """The run's name in the storage: a UUID or a non-empty string; new ``uuid4()`` by default."""
+
     last_processed_row: int = pydantic.Field(default=-1, ge=-1)
+    """The watermark: every row at or below it is done; ``-1`` when none is."""
+
     pending_completions: set[int] = pydantic.Field(default_factory=set, exclude=True, repr=False)
+    """Rows done above a gap, waiting for the rows below; not part of the checkpoint."""
+
     total_rows: int | None = None
+    """How many rows the run has, if known."""
+
     data: dict[str, Any] = pydantic.Field(default_factory=dict)
+    """Anything else the run needs back; it must be JSON-ready."""
+
+    @pydantic.field_validator("session_id", mode="before")
+    @classmethod
+    def _uuid_if_it_is_one(cls, value: object) -> object:
+        """A string in a UUID's canonical form becomes that UUID; other strings stay strings.
+
+        A UUID and its string form name the same checkpoint, so a context loaded back
+        from JSON has the same ``session_id`` it was saved with.
+        """
+        if isinstance(value, str):
+            try:
+                as_uuid = UUID(value)
+            except ValueError:
+                return value
+            return as_uuid if str(as_uuid) == value else value
+        return value
 
     @pydantic.field_validator("session_id")
     @classmethod
