@@ -16,10 +16,6 @@ collect_ignore_glob = [] if os.environ.get("STATEKEEP_COMPAT_PAMIQ") == "1" else
 # Marked xfail(strict=False) so they run (and show XPASS once fixed) without turning the
 # session red before then.
 PENDING = {
-    "test_pamiq_core_launcher.py::TestLaunch::test_launch": (
-        "issue 9.1 (branch core): states_dir must hold only states; today it also "
-        "holds .statekeep/, which the test's state_dir.glob('*') takes for a state"
-    ),
     "test_pamiq_core_state_persistence.py::TestLatestStatesKeeper::"
     "test_start_and_stop_background_thread": (
         "issue 9.2 (branch order): the keeper logs no INFO line starting "
