@@ -5,7 +5,7 @@
 # - the autouse fixture use_statekeep puts statekeep's StateStore and LatestStatesKeeper
 #   where pamiq-core's launcher looks them up (what `from statekeep import ...` does in a
 #   user's own launcher), so launch() saves its states with statekeep;
-# - check_log_message comes from pamiq_helpers (the same function as tests.helpers);
+# - check_log_message comes from compat.pamiq_helpers (the same function as tests.helpers);
 # - the web API listens on 127.0.0.1 and a free port instead of localhost:12345, so runs
 #   in parallel do not collide and no traffic leaves 127.0.0.1.
 # Runs in `nox -s compat_pamiq` (Python 3.12, pamiq-core 0.4.0 installed, pytest-mock),
@@ -20,10 +20,10 @@ from pamiq_core.interaction import Agent, Environment, Interaction
 from pamiq_core.launcher import LaunchConfig, launch
 from pamiq_core.model import InferenceModel, TrainingModel
 from pamiq_core.trainer import Trainer
-from pamiq_helpers import check_log_message
 from pytest_mock import MockerFixture
 
 import statekeep
+from compat.pamiq_helpers import check_log_message
 
 
 def free_port() -> int:

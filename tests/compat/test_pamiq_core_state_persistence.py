@@ -3,7 +3,7 @@
 # (https://github.com/MLShukai/pamiq-core/blob/main/LICENSE).
 # Changed for statekeep, and nothing else:
 # - the import of the module under test (pamiq_core.state_persistence -> statekeep), and
-#   of check_log_message (tests.helpers -> pamiq_helpers, the same function);
+#   of check_log_message (tests.helpers -> compat.pamiq_helpers, the same function);
 # - the datetime patched in test_save_state is statekeep's (statekeep._store.datetime);
 # - left out, because they read pamiq-core's private attributes:
 #   test_register (reads StateStore._registered_states) and
@@ -17,9 +17,9 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from pamiq_helpers import check_log_message
 from pytest_mock import MockerFixture
 
+from compat.pamiq_helpers import check_log_message
 from statekeep import (
     CorruptStateError,
     LatestStatesKeeper,
