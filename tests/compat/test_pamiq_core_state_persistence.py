@@ -178,6 +178,12 @@ class TestLatestStatesKeeper:
         assert states_dir.exists()
         assert states_dir.is_dir()
 
+    @pytest.mark.xfail(
+        strict=True,
+        raises=AssertionError,
+        reason="deliberate: the keeper never removes anything while no state verifies, and "
+        "a directory without a manifest never does (coming-from-pamiq-core.md)",
+    )
     def test_cleanup_removes_oldest_directories(
         self, states_dir: Path, setup_test_states: list[Path]
     ) -> None:
@@ -229,6 +235,13 @@ class TestLatestStatesKeeper:
         assert len(removed) == 0
         assert len(list(states_dir.glob("*.state"))) == 5
 
+    @pytest.mark.xfail(
+        strict=True,
+        raises=AssertionError,
+        reason="deliberate: every statekeep log line starts with 'statekeep: '; the start "
+        "line is 'statekeep: keeper started on <dir> (max_keep=10, every 0.001s)' "
+        "(coming-from-pamiq-core.md)",
+    )
     def test_start_and_stop_background_thread(
         self, states_dir: Path, mocker: MockerFixture, caplog
     ) -> None:
