@@ -63,7 +63,9 @@ def open_storage(url: str) -> Any:
             return SQLiteCheckpointStorage(path)
         if scheme in _REMOTE:
             name, module, extra = _REMOTE[scheme]
-            if importlib.util.find_spec(module) is None:
+            try:
+                importlib.import_module(module)
+            except ImportError:
                 fail(f"{url}: needs {module}: pip install 'statekeep[{extra}]'")
             cls = getattr(importlib.import_module("statekeep.storage"), name, None)
             if cls is None:

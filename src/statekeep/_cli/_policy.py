@@ -31,14 +31,14 @@ def _count(text: str, what: str) -> int:
     return n
 
 
-def _best(text: str, what: str) -> object:
+def _best(text: str, what: str) -> tuple[str, int, str]:
     parts = text.split(":")
     if len(parts) not in (2, 3) or not parts[0]:
         fail(f"{what}: {text!r} is not METRIC:N or METRIC:N:min|max (e.g. loss:2:min)")
     mode = parts[2] if len(parts) == 3 else "min"
     if mode not in ("min", "max"):
         fail(f"{what}: {text!r} ends in {mode!r}; write min or max")
-    return _compat.policy_class("KeepBest")(parts[0], _count(parts[1], what), mode)
+    return parts[0], _count(parts[1], what), mode
 
 
 def parse_spec(spec: str) -> list[tuple[str, str]]:
@@ -74,14 +74,15 @@ def from_args(args: argparse.Namespace) -> tuple[object | None, int]:
         )
     if len(terms) == 1 and terms[0][0] == "last":
         return None, _count(terms[0][1], "--keep")  # what every statekeep can do: max_keep
-    policies: list[object] = []
-    for kind, value in terms:
+    wanted: list[tuple[str, tuple[object, ...]]] = []
+    for kind, value in terms:  # check every term before asking for the policy classes
         if kind == "last":
-            policies.append(_compat.policy_class("KeepLatest")(_count(value, "last")))
+            wanted.append(("KeepLatest", (_count(value, "last"),)))
         elif kind == "every":
-            policies.append(_compat.policy_class("KeepEvery")(parse_duration(value, "every")))
+            wanted.append(("KeepEvery", (parse_duration(value, "every"),)))
         else:
-            policies.append(_best(value, "best"))
+            wanted.append(("KeepBest", _best(value, "best")))
+    policies = [_compat.policy_class(name)(*params) for name, params in wanted]
     if len(policies) == 1:
         return policies[0], -1
     return _compat.policy_class("KeepAny")(*policies), -1

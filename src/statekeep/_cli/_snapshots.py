@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import os
+import stat
 import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -11,6 +13,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from statekeep import _manifest
+from statekeep._atomic import is_private
 from statekeep._cli import _compat
 from statekeep._cli._common import (
     DAMAGED,
@@ -24,7 +27,7 @@ from statekeep._cli._common import (
     os_problem,
     table,
 )
-from statekeep._store import Scanned, scan_dirs
+from statekeep._store import Scanned
 from statekeep.errors import CorruptStateError
 
 MANIFEST = _manifest.MANIFEST_NAME
@@ -66,11 +69,63 @@ def _row(scanned: Scanned) -> Row:
     return Row(scanned.path, m.sequence, created, m.size_bytes, "unverified", None, meta)
 
 
+def _read_manifest(state: str) -> _manifest.Manifest:
+    """The state's manifest; a CorruptStateError for any reason it cannot be had.
+
+    Stricter than the library's reader on what this command meets in the wild: a
+    manifest that is a FIFO is refused before it is opened (opening it would block),
+    and EACCES or EIO become this state's problem, not the listing's.
+    """
+    where = f"{state}/{MANIFEST}"
+    try:
+        mode = os.lstat(where).st_mode
+    except FileNotFoundError:
+        mode = stat.S_IFREG  # read_manifest says which: no state, or no manifest
+    except OSError as exc:
+        raise CorruptStateError(f"state {state}: manifest {where}: {os_problem(exc)}") from None
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        raise CorruptStateError(f"state {state}: manifest {where} is not a regular file")
+    try:
+        return _manifest.read_manifest(state)
+    except (FileNotFoundError, CorruptStateError):
+        raise
+    except OSError as exc:
+        raise CorruptStateError(
+            f"state {state}: manifest {where} cannot be read: {os_problem(exc)}"
+        ) from None
+
+
+def _scan_dirs(states_dir: str, pattern: str | None) -> list[Scanned]:
+    """Every directory of ``states_dir`` (private work aside), ordered as the store orders."""
+    found: list[Scanned] = []
+    with os.scandir(states_dir) as it:
+        for entry in it:
+            if is_private(entry.name) or not entry.is_dir(follow_symlinks=False):
+                continue
+            if pattern is not None and not fnmatch.fnmatchcase(entry.name, pattern):
+                continue
+            manifest = problem = None
+            mtime = 0.0
+            try:
+                manifest = _read_manifest(entry.path)
+            except CorruptStateError as exc:
+                problem = exc
+                try:
+                    mtime = entry.stat(follow_symlinks=False).st_mtime
+                except OSError:
+                    continue  # removed while we looked
+            except FileNotFoundError:
+                continue
+            found.append(Scanned(Path(entry.path), manifest, problem, mtime))
+    found.sort(key=lambda s: s.order)
+    return found
+
+
 def _scan(states_dir: str, pattern: str | None = None) -> list[Scanned]:
     """Every state of ``states_dir``, oldest first; usage errors for what is not a store."""
     check_dir(states_dir, "states directory")
     try:
-        found = scan_dirs(Path(states_dir), pattern)
+        found = _scan_dirs(states_dir, pattern)
     except OSError as exc:
         fail(f"{states_dir}: cannot read it: {os_problem(exc)}")
     if found and all(
@@ -80,8 +135,21 @@ def _scan(states_dir: str, pattern: str | None = None) -> list[Scanned]:
             f"{states_dir}: not a statekeep states directory"
             f" (none of its {len(found)} directories has a {MANIFEST})"
         )
-    if not found and os.path.isfile(f"{states_dir}/{MANIFEST}"):
-        fail(f"{states_dir}: is a state, not a states directory (try: statekeep show {states_dir})")
+    if not found:
+        if os.path.isfile(f"{states_dir}/{MANIFEST}"):
+            fail(
+                f"{states_dir}: is a state, not a states directory"
+                f" (try: statekeep show {states_dir})"
+            )
+        try:
+            others = [n for n in os.listdir(states_dir) if not is_private(n)]
+        except OSError as exc:
+            fail(f"{states_dir}: cannot read it: {os_problem(exc)}")
+        if others:
+            fail(
+                f"{states_dir}: not a statekeep states directory (it holds {len(others)} other"
+                f" entr{'ies' if len(others) > 1 else 'y'}, no states)"
+            )
     return found
 
 
@@ -119,6 +187,9 @@ def _verify_rows(rows: list[Row], show_progress: bool = True) -> None:
                     row.status, row.problem = "damaged", str(exc)
                 except FileNotFoundError:
                     row.status, row.problem = "damaged", f"state {row.path} was removed meanwhile"
+                except OSError as exc:  # EACCES, EIO: this state cannot be checked
+                    row.status = "damaged"
+                    row.problem = f"state {row.path} cannot be read: {exc}"
                 else:
                     row.status = "verified"
             progress.advance(row.size_bytes, i, len(rows))
@@ -165,11 +236,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def _states_of(target: str, names: list[str]) -> list[Row]:
     if not names and os.path.lexists(f"{target}/{MANIFEST}"):
         check_dir(target, "state")  # the target is one state
-        names, target = (
-            [os.path.basename(os.path.normpath(target))],
-            os.path.dirname(os.path.normpath(target)),
-        )
-        return [_one(Path(target or ".", names[0]))]
+        return [_one(Path(target))]
     scanned = _scan(target)
     if not names:
         return [_row(s) for s in scanned]
@@ -184,7 +251,7 @@ def _states_of(target: str, names: list[str]) -> list[Row]:
 
 def _one(path: Path) -> Row:
     try:
-        m = _manifest.read_manifest(path)
+        m = _read_manifest(str(path))
     except CorruptStateError as exc:
         return Row(path, None, None, 0, "damaged", str(exc))
     except FileNotFoundError:
@@ -217,7 +284,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     path = args.state
     check_dir(path, "state")
     try:
-        m = _manifest.read_manifest(path)
+        m = _read_manifest(path)
     except CorruptStateError as exc:
         print(f"statekeep: damaged: {exc}", file=sys.stderr)
         return DAMAGED
@@ -279,19 +346,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
         except OSError as exc:
             fail(f"{args.target}: cannot prune it: {os_problem(exc)}")
     gone = {p.name for p in removed}
-    kept = [p.name for p in before if p.name not in gone]
+    names = [p.name for p in before]
+    kept = [n for n in names if n not in gone]
+    gone_in_order = [n for n in names if n in gone] + sorted(gone.difference(names))
     verb = "would remove" if args.dry_run else "removed"
     if args.json:
-        emit_json(
-            {
-                "dry_run": args.dry_run,
-                "removed": sorted(gone, key=[p.name for p in before].index),
-                "kept": kept,
-            }
-        )
+        emit_json({"dry_run": args.dry_run, "removed": gone_in_order, "kept": kept})
         return OK
-    for p in before:
-        if p.name in gone:
-            print(f"{verb}  {p.name}")
+    for name in gone_in_order:
+        print(f"{verb}  {name}")
     print(f"{verb} {len(gone)}, kept {len(kept)}")
     return OK
