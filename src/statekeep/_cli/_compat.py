@@ -38,7 +38,7 @@ def keeper(states_dir: str, pattern: str, max_keep: int, policy: object | None) 
         return LatestStatesKeeper(states_dir, pattern, max_keep=max_keep, cleanup_interval=0)
     try:
         return LatestStatesKeeper(  # type: ignore[call-arg, unused-ignore]
-            states_dir, pattern, max_keep=max_keep, cleanup_interval=0, policy=policy
+            states_dir, pattern, cleanup_interval=0, policy=policy
         )
     except TypeError:
         fail("this statekeep's LatestStatesKeeper takes no policy: use --keep N")

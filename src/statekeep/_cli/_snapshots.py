@@ -27,7 +27,6 @@ from statekeep._cli._common import (
     os_problem,
     table,
 )
-from statekeep._store import Scanned
 from statekeep.errors import CorruptStateError
 
 MANIFEST = _manifest.MANIFEST_NAME
@@ -58,6 +57,24 @@ class Row:
             "metadata": self.metadata,
             "location": self.location,
         }
+
+
+@dataclass(frozen=True)
+class Scanned:
+    """A directory of the store: its manifest, or why it has none (then its mtime)."""
+
+    path: Path
+    manifest: _manifest.Manifest | None
+    problem: CorruptStateError | None
+    mtime: float
+
+    @property
+    def key(self) -> tuple[int, float, str]:
+        """Commit order, as the store's: states by sequence after those without a manifest
+        (by mtime); ties by name."""
+        if self.manifest is not None:
+            return (1, float(self.manifest.sequence), self.path.name)
+        return (0, self.mtime, self.path.name)
 
 
 def _row(scanned: Scanned) -> Row:
@@ -117,7 +134,7 @@ def _scan_dirs(states_dir: str, pattern: str | None) -> list[Scanned]:
             except FileNotFoundError:
                 continue
             found.append(Scanned(Path(entry.path), manifest, problem, mtime))
-    found.sort(key=lambda s: s.order)
+    found.sort(key=lambda s: s.key)
     return found
 
 
