@@ -220,9 +220,10 @@ class TestLs:
         (states / "step-3.state" / MANIFEST_NAME).unlink()
         done = run("ls", states)
         assert done.returncode == 1
-        last = done.stdout.splitlines()[-1].split()
-        assert last[0] == "step-3.state"
-        assert "damaged" in last
+        lines = [line.split() for line in done.stdout.splitlines()[1:]]
+        # with no manifest it has no sequence: listed before every state that has one
+        assert [line[0] for line in lines] == ["step-3.state", "step-1.state", "step-2.state"]
+        assert lines[0][1:] == ["-", "-", "-", "damaged"]
         assert "step-3.state has no manifest" in done.stderr
         assert "Traceback" not in done.stderr
 
