@@ -52,14 +52,18 @@ def data(n: int = 64) -> list[tuple[float, float]]:
     return points
 
 
+def loss(model: Line, points: list[tuple[float, float]]) -> float:
+    """Mean squared error of the model on the points."""
+    return sum((model.w * x + model.b - y) ** 2 for x, y in points) / len(points)
+
+
 def step(model: Line, points: list[tuple[float, float]], lr: float) -> float:
-    """One gradient-descent step on the mean squared error; returns the loss before it."""
+    """One gradient-descent step on the mean squared error; returns the loss after it."""
     n = len(points)
     errors = [(model.w * x + model.b - y, x) for x, y in points]
-    loss = sum(e * e for e, _ in errors) / n
     model.w -= lr * 2 * sum(e * x for e, x in errors) / n
     model.b -= lr * 2 * sum(e for e, _ in errors) / n
-    return loss
+    return loss(model, points)
 
 
 def main() -> None:
@@ -74,12 +78,12 @@ def main() -> None:
         store = StateStore(states)
         store.register("line", model)
         points = data()
-        # A learning rate this high overshoots now and then: the newest state is not
-        # always the best one, which is what the policy below is for.
+        # Every fourth step takes a far larger learning rate and overshoots: the newest
+        # state is not always the best one, which is what the policy below is for.
         for i in range(1, STEPS + 1):
-            loss = step(model, points, lr=0.9 if i % 4 else 1.6)
+            after = step(model, points, lr=0.2 if i % 4 else 1.9)
             store.state_name_format = f"step-{i:02d}.state"
-            store.save_state(metadata={"step": i, "loss": round(loss, 6)})
+            store.save_state(metadata={"step": i, "loss": round(after, 6)})
 
         keeper = LatestStatesKeeper(states, policy=KeepBest("loss", 2) | KeepLatest(1))
         removed = keeper.cleanup()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import select
+import shlex
 import shutil
 import signal
 import subprocess
@@ -643,3 +645,69 @@ class TestCheckpoints:
                 check=False,
             )
             usage_error(done, f"pip install 'statekeep[{extra}]'")
+
+
+DOC = ROOT / "docs" / "command-line.md"
+_BLOCK = re.compile(r"```(python|console)\n(.*?)```", re.S)
+_CLOCK = re.compile(r"\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(\.\d+)?(\+00:00)?")
+
+
+def _session(body: str) -> list[tuple[str, str]]:
+    """A console block as (command, what it printed) pairs."""
+    pairs: list[tuple[str, str]] = []
+    for line in body.splitlines(keepends=True):
+        if line.startswith("$ "):
+            pairs.append((line[2:].strip(), ""))
+        else:
+            assert pairs, f"{DOC.name}: output before any command: {line!r}"
+            pairs[-1] = (pairs[-1][0], pairs[-1][1] + line)
+    return pairs
+
+
+def _play(body: str, cwd: Path, status: list[int]) -> str:
+    """Run a console block's commands in ``cwd``; return the block as it should read."""
+    out = []
+    for command, _ in _session(body):
+        argv = shlex.split(command)
+        if argv == ["echo", "$?"]:
+            printed = f"{status[-1]}\n"
+        else:
+            assert argv[0] == "statekeep", f"{DOC.name}: only statekeep runs here: {command}"
+            done = run(*argv[1:], cwd=cwd)
+            assert "Traceback" not in done.stderr, done.stderr
+            printed = done.stdout + done.stderr
+            status.append(done.returncode)
+        out.append(f"$ {command}\n{printed}")
+    return "".join(out)
+
+
+@pytest.mark.skipif(not HAS_METADATA, reason="save_state(metadata=) has not landed yet")
+def test_the_session_in_the_docs_is_what_the_command_prints(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/command-line.md: its Python blocks run, then each command's output matches.
+
+    ``STATEKEEP_UPDATE_DOCS=1`` rewrites the page with what the commands print now.
+    """
+    monkeypatch.chdir(tmp_path)
+    text = DOC.read_text()
+    status = [0]
+    namespace: dict[str, object] = {"__name__": "docs"}  # shared by the page's blocks
+    rebuilt, pos, stale = [], 0, []
+    for match in _BLOCK.finditer(text):
+        kind, body = match.groups()
+        if kind == "python":
+            exec(compile(body, str(DOC), "exec"), namespace)
+            continue
+        actual = _play(body, tmp_path, status)
+        if _CLOCK.sub("<time>", actual) != _CLOCK.sub("<time>", body):
+            stale.append((body, actual))
+        rebuilt += [text[pos : match.start(2)], actual]
+        pos = match.end(2)
+    rebuilt.append(text[pos:])
+    if os.environ.get("STATEKEEP_UPDATE_DOCS") == "1":
+        DOC.write_text("".join(rebuilt))
+        return
+    for shown, printed in stale:
+        assert printed == shown, f"{DOC.name} is stale (STATEKEEP_UPDATE_DOCS=1 rewrites it)"
+    assert status.count(0) < len(status), "the session shows no failing command"

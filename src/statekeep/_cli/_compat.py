@@ -15,10 +15,16 @@ from typing import Any
 from statekeep._cli._common import fail
 
 
-def metadata_of(manifest: object) -> Mapping[str, Any]:
-    """The manifest's metadata (``{}`` before manifests carried any)."""
+def metadata_of(manifest: object) -> dict[str, Any]:
+    """The manifest's metadata as the caller gave it (``{}`` before manifests carried any).
+
+    The keys statekeep records for itself (``statekeep:...``) are left out, as
+    ``list_states()`` leaves them out.
+    """
     found = getattr(manifest, "metadata", None)
-    return found if isinstance(found, Mapping) else {}
+    if not isinstance(found, Mapping):
+        return {}
+    return {k: v for k, v in found.items() if not str(k).startswith("statekeep:")}
 
 
 def policy_class(name: str) -> Any:
