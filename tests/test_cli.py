@@ -42,12 +42,12 @@ def run(*args: str | Path, cwd: Path | None = None, **kw: Any) -> subprocess.Com
     """``python -m statekeep ARGS`` to completion, its output captured."""
     kw.setdefault("stdout", subprocess.PIPE)
     kw.setdefault("stderr", subprocess.PIPE)
+    kw.setdefault("timeout", TIMEOUT)
     return subprocess.run(
         [sys.executable, "-m", "statekeep", *map(str, args)],
         cwd=cwd,
         env=_env(),
         text=True,
-        timeout=TIMEOUT,
         check=False,
         **kw,
     )
@@ -277,7 +277,7 @@ class TestLs:
         manifest = states / "step-2.state" / MANIFEST_NAME
         manifest.unlink()
         os.mkfifo(manifest)
-        done = run("ls", states)  # TIMEOUT: a hang fails here
+        done = run("ls", states, timeout=20)  # a hang fails here
         assert done.returncode == 1
         assert "step-2.state" in done.stderr
 
@@ -626,6 +626,7 @@ class TestCheckpoints:
         assert not (tmp_path / "x.db").exists()
         (tmp_path / "junk.db").write_text("not sqlite")
         usage_error(run("checkpoints", "ls", f"sqlite:///{tmp_path}/junk.db"), "not a database")
+        usage_error(run("checkpoints", "ls", f"sqlite:///{tmp_path}"), "is a directory")
         usage_error(run("checkpoints", "ls", "ftp://host/x"), "unknown scheme 'ftp'")
         usage_error(run("checkpoints", "prune", tmp_path, "--older-than", "soon"), "duration")
 
