@@ -712,3 +712,45 @@ def test_the_session_in_the_docs_is_what_the_command_prints(
     for shown, printed in stale:
         assert printed == shown, f"{DOC.name} is stale (STATEKEEP_UPDATE_DOCS=1 rewrites it)"
     assert status.count(0) < len(status), "the session shows no failing command"
+
+
+class TestRemote:
+    """`statekeep ls` and `verify` over snapshots published to a remote (a directory here)."""
+
+    @pytest.fixture
+    def remote_url(self, tmp_path: Path) -> str:
+        publish = pytest.importorskip("statekeep._publish", reason="remote snapshots not landed")
+        remote_pkg = pytest.importorskip("statekeep.remote", reason="remote snapshots not landed")
+        remote = remote_pkg.DirectoryRemote(tmp_path / "remote")
+        for path in make_store(tmp_path / "states", 2):
+            publish.publish_state(remote, path)
+        return f"file://{tmp_path / 'remote'}"
+
+    def test_ls(self, remote_url: str) -> None:
+        done = run("ls", remote_url, "--json")
+        assert done.returncode == 0, done.stderr
+        states = json.loads(done.stdout)["states"]
+        assert [s["name"] for s in states] == ["step-1.state", "step-2.state"]
+        assert {s["location"] for s in states} == {"remote"}
+        assert states[0]["path"] == f"{remote_url}/step-1.state"
+        assert states[0]["size_bytes"] == 2100
+
+    def test_verify_reads_every_remote_file(self, remote_url: str) -> None:
+        done = run("verify", remote_url)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "2 states checked, 0 damaged" in done.stdout
+        root = Path(remote_url[len("file://") :])
+        (model,) = root.glob("data/step-2.state/*/model")
+        flip_bit(model)
+        done = run("verify", remote_url, "--json")
+        assert done.returncode == 1
+        bad = [s for s in json.loads(done.stdout)["states"] if s["status"] == "damaged"]
+        assert [s["name"] for s in bad] == ["step-2.state"]
+        assert "model has CRC-32" in bad[0]["problem"]
+        model.write_bytes(model.read_bytes()[:-1])
+        done = run("ls", remote_url, "--verify")
+        assert done.returncode == 1
+        assert "model is 1999 bytes, manifest says 2000" in done.stderr
+
+    def test_bad_urls(self, tmp_path: Path) -> None:
+        usage_error(run("ls", "gopher://x/y"), "gopher")

@@ -37,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
     p = sub.add_parser("ls", help="list the states of a states directory, newest last")
-    p.add_argument("target", metavar="DIR", help="a states directory")
+    p.add_argument(
+        "target", metavar="DIR_OR_URL", help="a states directory, s3://... or file://... remote"
+    )
     p.add_argument("--verify", action="store_true", help="check every file of every state")
     json_flag(p)
     p.set_defaults(run=("_snapshots", "cmd_ls"))
@@ -48,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=("_snapshots", "cmd_show"))
 
     p = sub.add_parser("verify", help="check states against their manifests")
-    p.add_argument("target", metavar="DIR", help="a states directory, or one state")
+    p.add_argument("target", metavar="DIR_OR_URL", help="a states directory, one state, or a URL")
     p.add_argument("states", metavar="STATE", nargs="*", help="names of states in DIR")
     json_flag(p)
     p.set_defaults(run=("_snapshots", "cmd_verify"))

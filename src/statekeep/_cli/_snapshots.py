@@ -7,8 +7,10 @@ import fnmatch
 import os
 import stat
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -36,7 +38,8 @@ MANIFEST = _manifest.MANIFEST_NAME
 class Row:
     """One state as the command reports it."""
 
-    path: Path
+    name: str
+    path: str
     sequence: int | None
     created_at: datetime | None
     size_bytes: int
@@ -44,11 +47,12 @@ class Row:
     problem: str | None
     metadata: dict[str, Any] = field(default_factory=dict)
     location: str = "local"
+    check: Callable[[], object] | None = None  # reads every file; CorruptStateError if bad
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "name": self.path.name,
-            "path": str(self.path),
+            "name": self.name,
+            "path": self.path,
             "sequence": self.sequence,
             "created_at": None if self.created_at is None else self.created_at.isoformat(),
             "size_bytes": self.size_bytes,
@@ -80,10 +84,23 @@ class Scanned:
 def _row(scanned: Scanned) -> Row:
     m = scanned.manifest
     if m is None:
-        return Row(scanned.path, None, None, 0, "damaged", str(scanned.problem))
+        return Row(
+            scanned.path.name, str(scanned.path), None, None, 0, "damaged", str(scanned.problem)
+        )
     created = m.created_at.astimezone(timezone.utc)
     meta = dict(_compat.metadata_of(m))
-    return Row(scanned.path, m.sequence, created, m.size_bytes, "unverified", None, meta)
+    path = str(scanned.path)
+    return Row(
+        scanned.path.name,
+        path,
+        m.sequence,
+        created,
+        m.size_bytes,
+        "unverified",
+        None,
+        meta,
+        check=partial(_manifest.verify, path),
+    )
 
 
 def _read_manifest(state: str) -> _manifest.Manifest:
@@ -197,9 +214,9 @@ def _verify_rows(rows: list[Row], show_progress: bool = True) -> None:
     progress = Progress(sum(r.size_bytes for r in rows), sys.stderr, show_progress)
     try:
         for i, row in enumerate(rows, 1):
-            if row.status == "unverified":
+            if row.status == "unverified" and row.check is not None:
                 try:
-                    _manifest.verify(row.path)
+                    row.check()
                 except CorruptStateError as exc:
                     row.status, row.problem = "damaged", str(exc)
                 except FileNotFoundError:
@@ -219,7 +236,7 @@ def _print_rows(rows: list[Row]) -> None:
         return
     body = [
         [
-            r.path.name,
+            r.name,
             "-" if r.sequence is None else str(r.sequence),
             "-" if r.created_at is None else local_time(r.created_at),
             human_size(r.size_bytes) if r.status != "damaged" or r.sequence is not None else "-",
@@ -238,9 +255,22 @@ def _problems(rows: list[Row]) -> int:
     return DAMAGED if bad else OK
 
 
+def _is_url(target: str) -> bool:
+    return "://" in target
+
+
+def _rows(target: str) -> list[Row]:
+    """Every state of a states directory or a remote URL, oldest first."""
+    if _is_url(target):
+        from statekeep._cli import _remote
+
+        return _remote.rows(target)
+    return [_row(s) for s in _scan(target)]
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     """One line per state, newest last."""
-    rows = [_row(s) for s in _scan(args.target)]
+    rows = _rows(args.target)
     if args.verify:
         _verify_rows(rows)
     if args.json:
@@ -251,30 +281,40 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _states_of(target: str, names: list[str]) -> list[Row]:
-    if not names and os.path.lexists(f"{target}/{MANIFEST}"):
+    if not names and not _is_url(target) and os.path.lexists(f"{target}/{MANIFEST}"):
         check_dir(target, "state")  # the target is one state
         return [_one(Path(target))]
-    scanned = _scan(target)
+    found = _rows(target)
     if not names:
-        return [_row(s) for s in scanned]
-    by_name = {s.path.name: s for s in scanned}
-    rows = []
+        return found
+    by_name = {r.name: r for r in found}
     for name in names:
         if name not in by_name:
             fail(f"{target}: has no state {name!r}")
-        rows.append(_row(by_name[name]))
-    return rows
+    return [by_name[name] for name in names]
 
 
 def _one(path: Path) -> Row:
     try:
         m = _read_manifest(str(path))
     except CorruptStateError as exc:
-        return Row(path, None, None, 0, "damaged", str(exc))
+        return Row(path.name, str(path), None, None, 0, "damaged", str(exc))
     except FileNotFoundError:
         fail(f"{path}: no such state")
     created = m.created_at.astimezone(timezone.utc)
-    return Row(path, m.sequence, created, m.size_bytes, "unverified", None)
+    meta = _compat.metadata_of(m)
+    where = str(path)
+    return Row(
+        path.name,
+        where,
+        m.sequence,
+        created,
+        m.size_bytes,
+        "unverified",
+        None,
+        meta,
+        check=partial(_manifest.verify, where),
+    )
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -287,9 +327,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return DAMAGED if bad else OK
     for r in rows:
         if r.status == "verified":
-            print(f"ok       {r.path.name}  ({human_size(r.size_bytes)})")
+            print(f"ok       {r.name}  ({human_size(r.size_bytes)})")
         else:
-            print(f"DAMAGED  {r.path.name}: {r.problem}")
+            print(f"DAMAGED  {r.name}: {r.problem}")
     bad = sum(r.status == "damaged" for r in rows)
     noun = "state" if len(rows) == 1 else "states"
     print(f"{len(rows)} {noun} checked, {bad} damaged")
