@@ -596,6 +596,19 @@ class TestCheckpoints:
         assert done.stdout == "removed  alpha\n"
         assert "gamma" in done.stderr
         assert sorted(n for n in os.listdir(root) if not is_private(n)) == ["beta.ckpt"]
+        done = run("checkpoints", "rm", root, "beta", "alpha", "--json")
+        assert done.returncode == 1
+        assert json.loads(done.stdout) == {"removed": ["beta"], "missing": ["alpha"]}
+        assert sorted(n for n in os.listdir(root) if not is_private(n)) == []
+
+    def test_session_ids_that_escape_are_refused(self, tmp_path: Path) -> None:
+        root = _checkpoints(tmp_path / "ck")
+        (tmp_path / "victim.ckpt").write_text("keep me")
+        for action in ("show", "rm"):
+            done = run("checkpoints", action, root, "../victim")
+            assert done.returncode in (1, 2), done
+            assert "Traceback" not in done.stderr
+        assert (tmp_path / "victim.ckpt").read_text() == "keep me"
 
     def test_prune_older_than(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         root = _checkpoints(tmp_path / "ck")

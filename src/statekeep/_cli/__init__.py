@@ -91,6 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     p = csub.add_parser("rm", help="delete sessions' checkpoints")
     p.add_argument("url", metavar="URL", help=url_help)
     p.add_argument("sessions", metavar="SESSION", nargs="+")
+    json_flag(p)
     p.set_defaults(run=("_checkpoints", "cmd_rm"))
 
     p = csub.add_parser("prune", help="delete checkpoints older than an age")

@@ -204,20 +204,25 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_rm(args: argparse.Namespace) -> int:
     """Delete the named sessions' checkpoints."""
-    missing = 0
+    removed: list[str] = []
+    missing: list[str] = []
     with _storage(args.url) as storage:
         for session in args.sessions:
             try:
                 gone = storage.delete(session)
             except ValueError as exc:
                 fail(f"{session!r}: {exc}")
-            if gone:
-                print(f"removed  {session}")
-            else:
-                missing += 1
-                print(
-                    f"statekeep: {args.url}: no checkpoint for session {session!r}", file=sys.stderr
-                )
+            (removed if gone else missing).append(session)
+            if not args.json:
+                if gone:
+                    print(f"removed  {session}")
+                else:
+                    print(
+                        f"statekeep: {args.url}: no checkpoint for session {session!r}",
+                        file=sys.stderr,
+                    )
+    if args.json:
+        emit_json({"removed": removed, "missing": missing})
     return DAMAGED if missing else OK
 
 
