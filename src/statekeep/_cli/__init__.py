@@ -122,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         status: int = run(args)
         sys.stdout.flush()
     except UsageError as exc:
-        print(f"statekeep: error: {exc}", file=sys.stderr)
+        print(f"statekeep: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line
         return USAGE
     except BrokenPipeError:  # `statekeep ls DIR | head`: the reader left; so do we
         import os

@@ -7,6 +7,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,17 +36,23 @@ _REMOTE = {
 }
 
 
+_CONNINFO = re.compile(r"^\s*(host|hostaddr|port|dbname|user|service)=")
+
+
 def open_storage(url: str) -> Any:
     """The checkpoint storage ``url`` names; usage errors for what does not exist or cannot open.
 
     ``sqlite:///PATH`` (PATH as written: ``sqlite:////abs.db`` or ``sqlite:///rel.db``, as
-    SQLAlchemy reads them), ``s3://bucket/prefix``, ``postgresql://...``, or a directory.
+    SQLAlchemy reads them), ``s3://bucket/prefix``, ``postgresql://...`` (or a libpq
+    keyword string, ``"host=... dbname=..."``), or a directory.
     """
     from statekeep.errors import StatekeepError
 
     scheme, sep, rest = url.partition("://")
+    if not sep and _CONNINFO.match(url) and not os.path.lexists(url):
+        scheme = "postgresql"  # a libpq keyword string: "host=... dbname=..."
     try:
-        if not sep:
+        if not sep and scheme != "postgresql":
             check_dir(url, "checkpoint directory")
             from statekeep.storage import FileCheckpointStorage
 
