@@ -176,6 +176,15 @@ class TestLs:
         assert len(set(seqs)) == 3
         assert all("2.1 KB" in line and "unverified" in line for line in lines[1:])
 
+    def test_time_is_local(self, states: Path) -> None:
+        listed = json.loads(run("ls", states, "--json").stdout)["states"][0]
+        utc = datetime.fromisoformat(listed["created_at"])
+        for zone, hours in [("UTC0", 0), ("JST-9", 9), ("EST+5", -5)]:  # POSIX TZ: no tzdata
+            done = run("ls", states, env={"TZ": zone})
+            shown = " ".join(done.stdout.splitlines()[1].split()[2:4])
+            local = (utc + timedelta(hours=hours)).strftime("%Y-%m-%d %H:%M:%S")
+            assert shown == local, zone
+
     def test_verify_marks_each_state(self, states: Path) -> None:
         done = run("ls", states, "--verify")
         assert done.returncode == 0, done.stderr
