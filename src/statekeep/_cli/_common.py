@@ -59,7 +59,8 @@ def human_size(n: int) -> str:
 
 def local_time(when: datetime) -> str:
     """An aware datetime in the local zone, to the second."""
-    return when.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    t = datetime.fromtimestamp(when.timestamp())  # local, naive; cheaper than astimezone()
+    return f"{t.year:04d}-{t.month:02d}-{t.day:02d} {t.hour:02d}:{t.minute:02d}:{t.second:02d}"
 
 
 def compact(metadata: Mapping[str, Any]) -> str:
