@@ -777,6 +777,20 @@ class TestRemote:
         assert done.returncode == 1
         assert "model is 1999 bytes, manifest says 2000" in done.stderr
 
+    def test_show(self, remote_url: str, tmp_path: Path) -> None:
+        remote = run("show", f"{remote_url}/step-1.state", "--json")
+        assert remote.returncode == 0, remote.stderr
+        local = run("show", tmp_path / "states" / "step-1.state", "--json")
+        mine, theirs = json.loads(remote.stdout), json.loads(local.stdout)
+        assert mine["files"] == theirs["files"]
+        assert mine["sequence"] == theirs["sequence"]
+        usage_error(run("show", f"{remote_url}/step-9.state"), "no such state")
+        manifest = Path(remote_url[len("file://") :]) / "states" / "step-2.state"
+        manifest.write_bytes(manifest.read_bytes()[:-3])
+        done = run("show", f"{remote_url}/step-2.state")
+        assert done.returncode == 1
+        assert "malformed" in done.stderr or "checksum" in done.stderr
+
     def test_bad_urls(self, tmp_path: Path) -> None:
         usage_error(run("ls", "gopher://x/y"), "gopher")
 

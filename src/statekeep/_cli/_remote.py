@@ -97,3 +97,25 @@ def rows(url: str) -> list[Row]:
             )
         )
     return found
+
+
+def manifest(url: str) -> Any:
+    """The manifest of the remote state ``url`` (the remote's URL, a slash, the state's name).
+
+    Raises:
+        CorruptStateError: its manifest object is malformed.
+    """
+    base, _, name = url.rstrip("/").rpartition("/")
+    if not name or "://" not in base:
+        fail(f"{url}: not a remote state (write the remote's URL, a slash and the state's name)")
+    remote, publish = _open(base)
+    key = f"{publish.STATES}{name}"
+    try:
+        blob = remote.get(key)
+    except FileNotFoundError:
+        fail(f"{url}: no such state")
+    except StorageError as exc:
+        fail(f"{url}: cannot read it: {exc}")
+    except ValueError as exc:  # a name the remote refuses as a key
+        fail(f"{url}: {exc}")
+    return publish.decode_manifest(name, blob, url).manifest

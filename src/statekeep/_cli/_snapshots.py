@@ -339,9 +339,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     """A state's manifest: files, sizes, checksums, metadata."""
     path = args.state
-    check_dir(path, "state")
     try:
-        m = _read_manifest(path)
+        if _is_url(path):
+            from statekeep._cli import _remote
+
+            m = _remote.manifest(path)
+        else:
+            check_dir(path, "state")
+            m = _read_manifest(path)
     except CorruptStateError as exc:
         print(f"statekeep: damaged: {exc}", file=sys.stderr)
         return DAMAGED
