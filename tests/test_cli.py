@@ -286,6 +286,23 @@ class TestLs:
         assert "step-1.state" in done.stderr
         assert done.stdout.splitlines()[-1].split()[0] == "step-2.state"
 
+    def test_symlinks_are_never_followed(self, states: Path, tmp_path: Path) -> None:
+        outside = tmp_path / "outside"
+        make_store(outside, 1)
+        (states / "link.state").symlink_to(outside / "step-1.state")
+        done = run("ls", states, "--json")
+        assert [s["name"] for s in json.loads(done.stdout)["states"]] == [
+            "step-1.state",
+            "step-2.state",
+            "step-3.state",
+        ]
+        model = states / "step-2.state" / "model"
+        model.unlink()
+        model.symlink_to(outside / "step-1.state" / "model")  # same bytes, but a link
+        done = run("verify", states, "step-2.state")
+        assert done.returncode == 1
+        assert "model should be a regular file" in done.stdout
+
     def test_fifo_manifest_does_not_hang(self, states: Path) -> None:
         manifest = states / "step-2.state" / MANIFEST_NAME
         manifest.unlink()
