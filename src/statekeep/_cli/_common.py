@@ -67,7 +67,12 @@ def compact(metadata: Mapping[str, Any]) -> str:
     """Metadata on one line: ``step=3 loss=0.25`` (non-scalars as JSON)."""
     parts = []
     for key, value in metadata.items():
-        shown = value if isinstance(value, str) else json.dumps(value, default=str)
+        if isinstance(value, str):
+            shown = value
+        elif type(value) in (int, float):  # the common case (a step, a loss), without json
+            shown = repr(value)
+        else:
+            shown = json.dumps(value, default=str)
         parts.append(f"{key}={shown}")
     return " ".join(parts)
 
