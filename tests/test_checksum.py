@@ -265,3 +265,90 @@ class TestFsyncBesideTheRead:
         monkeypatch.undo()
         assert seen == ["fd still open"]
         assert not [t for t in threading.enumerate() if t.name == "statekeep-fsync"]
+
+
+class TestCrc32Combine:
+    """The CRC-32 of two pieces joined, from the pieces' CRCs and the second's length."""
+
+    @pytest.mark.parametrize(
+        ("la", "lb"), [(0, 0), (1, 0), (0, 1), (5, 7), (1000, 12345), (1 << 16, (3 << 16) + 7)]
+    )
+    def test_matches_zlib(self, la: int, lb: int) -> None:
+        a, b = os.urandom(la), os.urandom(lb)
+        got = _checksum.crc32_combine(zlib.crc32(a), zlib.crc32(b), lb)
+        assert got == zlib.crc32(a + b)
+
+
+@pytest.fixture
+def parallel(monkeypatch: pytest.MonkeyPatch) -> int:
+    """Split every file of 64 KiB or more into 3 parts, whatever the CPU count."""
+    monkeypatch.setattr(_checksum, "PARALLEL_MIN", 1 << 16)
+    monkeypatch.setattr(_checksum, "_parts", lambda: 3)
+    return 3
+
+
+class TestParallelPass:
+    """A large file is checksummed in parts on threads; the result is the whole file's."""
+
+    @pytest.mark.parametrize("size", [1 << 16, (1 << 16) + 1, 3 * _checksum.CHUNK + 2])
+    @pytest.mark.parametrize("sync", [False, True])
+    def test_matches_zlib(self, tmp_path: Path, parallel: int, size: int, sync: bool) -> None:
+        data = os.urandom(size)
+        (tmp_path / "f").write_bytes(data)
+        got = _checksum.checksum_file(str(tmp_path / "f"), sync=sync, expect=size)
+        assert got == (size, zlib.crc32(data))
+        assert not [t for t in threading.enumerate() if t.name.startswith("statekeep-")]
+
+    def _run(self, path: Path, told: int) -> tuple[int, int]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return _checksum._crc_parallel(str(path), fd, told, 3)
+        finally:
+            os.close(fd)
+
+    def test_file_that_grew_since_the_fstat_is_read_to_its_end(self, tmp_path: Path) -> None:
+        data = os.urandom(3 * _checksum.CHUNK + 5)
+        (tmp_path / "f").write_bytes(data)
+        assert self._run(tmp_path / "f", len(data) - _checksum.CHUNK - 3) == (
+            len(data),
+            zlib.crc32(data),
+        )
+
+    def test_file_that_shrank_since_the_fstat_ends_where_it_ends(self, tmp_path: Path) -> None:
+        data = os.urandom(3 * _checksum.CHUNK + 5)
+        (tmp_path / "f").write_bytes(data)
+        assert self._run(tmp_path / "f", len(data) + 2 * _checksum.CHUNK) == (
+            len(data),
+            zlib.crc32(data),
+        )
+
+    def test_path_now_naming_another_file_is_not_read(self, tmp_path: Path) -> None:
+        data = os.urandom(2 * _checksum.CHUNK)
+        path = tmp_path / "f"
+        path.write_bytes(data)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            path.unlink()
+            path.write_bytes(os.urandom(len(data)))  # same name, other bytes
+            got = _checksum._crc_parallel(str(path), fd, len(data), 3)
+        finally:
+            os.close(fd)
+        assert got == (len(data), zlib.crc32(data))
+
+    def test_a_failed_part_is_raised_after_every_thread_is_joined(
+        self, tmp_path: Path, parallel: int, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        (tmp_path / "f").write_bytes(os.urandom(3 * _checksum.CHUNK))
+        real_preadv = os.preadv
+        started = threading.Barrier(3, timeout=HANG)  # every part is reading
+
+        def preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
+            started.wait()
+            if offset >= _checksum.CHUNK:  # the parts after the first fail
+                raise OSError(errno.EIO, "injected read error")
+            return real_preadv(fd, buffers, offset)
+
+        monkeypatch.setattr(os, "preadv", preadv)
+        with pytest.raises(OSError, match="injected read error"):
+            _checksum.checksum_file(str(tmp_path / "f"), sync=False)
+        assert not [t for t in threading.enumerate() if t.name.startswith("statekeep-")]

@@ -23,17 +23,28 @@ import stat
 import sys
 import threading
 import zlib
+from collections.abc import Callable
 
 FIRST = 64 << 10  # the first read: all of a small file
 CHUNK = 1 << 20  # later reads, into one reused buffer small enough to stay in cache
 _SEQUENTIAL = getattr(os, "POSIX_FADV_SEQUENTIAL", None)  # absent on macOS
 _PARALLEL_SYNC = 4 << 20  # above this size, fsync runs beside the checksum pass
+PARALLEL_MIN = 32 << 20  # from this size, the checksum pass is split across threads
+MAX_PARTS = 4  # at most this many threads per file
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 # O_NONBLOCK: opening a FIFO for reading must not wait for a writer (the fstat then
 # refuses it); on a regular file the flag changes nothing.
 _O_READ = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | _O_NOFOLLOW
 
-__all__ = ["NotRegularFileError", "checksum_file", "kinds", "open_regular", "read_all", "scan"]
+__all__ = [
+    "NotRegularFileError",
+    "checksum_file",
+    "crc32_combine",
+    "kinds",
+    "open_regular",
+    "read_all",
+    "scan",
+]
 
 
 class NotRegularFileError(OSError):
@@ -75,12 +86,21 @@ def checksum_file(path: str, *, sync: bool, expect: int = 0) -> tuple[int, int]:
 
     ``expect`` is the size the caller expects (verification knows it from the manifest):
     when it is large, the read-ahead hint goes out before the first read, not after.
+    A file of :data:`PARALLEL_MIN` bytes or more is split into contiguous parts, one
+    per CPU (at most :data:`MAX_PARTS`), each read and checksummed by its own thread
+    (``zlib.crc32`` and reads release the GIL); the parts' CRCs are combined into the
+    CRC-32 of the whole file, so the manifest format does not change.
 
     Raises:
         NotRegularFileError, IsADirectoryError, OSError: see the module's docstring.
     """
     fd, st = open_regular(path)
     try:
+        size = st.st_size
+        if size >= PARALLEL_MIN and (parts := _parts()) > 1:
+            return _with_fsync(
+                fd, sync and size >= _PARALLEL_SYNC, _crc_parallel, path, fd, size, parts
+            )
         if expect >= FIRST and _SEQUENTIAL is not None:
             os.posix_fadvise(fd, 0, 0, _SEQUENTIAL)
         head = os.read(fd, FIRST)
@@ -88,22 +108,25 @@ def checksum_file(path: str, *, sync: bool, expect: int = 0) -> tuple[int, int]:
             if sync:
                 os.fsync(fd)
             return len(head), zlib.crc32(head)
-        return _checksum_rest(fd, head, sync=sync, size=st.st_size)
+        if sync and size < _PARALLEL_SYNC:
+            size_crc = _crc_rest(fd, head)
+            os.fsync(fd)
+            return size_crc
+        return _with_fsync(fd, sync, _crc_rest, fd, head)
     finally:
         os.close(fd)
 
 
-def _checksum_rest(fd: int, head: bytes, *, sync: bool, size: int) -> tuple[int, int]:
-    """Finish :func:`checksum_file` for a file larger than its first read.
+def _with_fsync(
+    fd: int, sync: bool, crc_pass: Callable[..., tuple[int, int]], *args: object
+) -> tuple[int, int]:
+    """Run ``crc_pass(*args)``; with ``sync``, fsync ``fd`` on a thread beside it.
 
-    The caller closes ``fd`` when this returns or raises, so the fsync thread (if any)
-    is always joined first: left running, it would fsync whatever file reuses the fd.
+    The caller closes ``fd`` when this returns or raises, so the fsync thread is always
+    joined first: left running, it would fsync whatever file reuses the fd.
     """
-    if not (sync and size >= _PARALLEL_SYNC):
-        crc, read = _crc_rest(fd, head)
-        if sync:
-            os.fsync(fd)
-        return read, crc
+    if not sync:
+        return crc_pass(*args)
     # fsync and crc32 both release the GIL: overlap the disk flush with the read.
     errors: list[BaseException] = []
 
@@ -116,7 +139,7 @@ def _checksum_rest(fd: int, head: bytes, *, sync: bool, size: int) -> tuple[int,
     syncer = threading.Thread(target=flush, name="statekeep-fsync", daemon=True)
     syncer.start()
     try:
-        crc, read = _crc_rest(fd, head)
+        result = crc_pass(*args)
     except BaseException as exc:
         syncer.join()
         if errors and sys.version_info >= (3, 11):
@@ -125,11 +148,11 @@ def _checksum_rest(fd: int, head: bytes, *, sync: bool, size: int) -> tuple[int,
     syncer.join()
     if errors:
         raise errors[0]
-    return read, crc
+    return result
 
 
 def _crc_rest(fd: int, head: bytes) -> tuple[int, int]:
-    """(crc32, bytes read) of ``head`` followed by the rest of ``fd``, read sequentially."""
+    """(bytes read, crc32) of ``head`` followed by the rest of ``fd``, read sequentially."""
     if _SEQUENTIAL is not None:
         # A larger read-ahead window: the disk keeps reading while crc32 runs on the
         # previous chunk, which is still in the CPU cache (measured: a cold 64 MB
@@ -145,7 +168,129 @@ def _crc_rest(fd: int, head: bytes) -> tuple[int, int]:
         read += got
         crc = zlib.crc32(view[:got], crc)
         if got < CHUNK:
-            return crc, read
+            return read, crc
+
+
+def _parts() -> int:
+    """How many threads a large checksum pass uses: the CPUs this process may run on."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(MAX_PARTS, cpus or 1))
+
+
+def _crc_parallel(path: str, fd: int, size: int, parts: int) -> tuple[int, int]:
+    """(bytes read, crc32) of the file open as ``fd``: ``parts`` ranges on as many threads.
+
+    Each extra thread reads through a descriptor of its own (its own read-ahead
+    window: two streams through one descriptor defeat the kernel's read-ahead), opened
+    again by ``path`` and used only if it is the same file; otherwise it shares ``fd``
+    (``pread`` needs no offset of its own). Every thread is joined before this returns
+    or raises. ``size`` is the fstat size: a file that shrank since ends at the first
+    short part; one that grew is read on to its end.
+    """
+    bounds = [size * i // parts for i in range(parts + 1)]
+    results: list[tuple[int, int]] = [(0, 0)] * parts
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            own = _reopen(path, fd)
+            try:
+                results[i] = _crc_range(own, bounds[i], bounds[i + 1])
+            finally:
+                if own != fd:
+                    os.close(own)
+        except BaseException as exc:  # surfaced below, after the join
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=work, args=(i,), name="statekeep-crc", daemon=True)
+        for i in range(1, parts)
+    ]
+    try:
+        for thread in threads:
+            thread.start()
+        results[0] = _crc_range(fd, 0, bounds[1])
+    finally:
+        for thread in threads:
+            if thread.ident is not None:
+                thread.join()
+    if errors:
+        raise errors[0]
+    read = crc = 0
+    for i, (got, part_crc) in enumerate(results):
+        crc = crc32_combine(crc, part_crc, got)
+        read += got
+        if got < bounds[i + 1] - bounds[i]:
+            return read, crc  # the file ends here (it shrank since the fstat)
+    got, rest_crc = _crc_range(fd, size, None)  # it grew since the fstat
+    return read + got, crc32_combine(crc, rest_crc, got)
+
+
+def _reopen(path: str, fd: int) -> int:
+    """A new descriptor of the file open as ``fd``, or ``fd`` itself if ``path`` no longer
+    names that file."""
+    try:
+        own, st = open_regular(path)
+    except OSError:
+        return fd
+    was = os.fstat(fd)
+    if (st.st_dev, st.st_ino) == (was.st_dev, was.st_ino):
+        return own
+    os.close(own)
+    return fd
+
+
+def _crc_range(fd: int, start: int, end: int | None) -> tuple[int, int]:
+    """(bytes read, crc32) of ``fd`` from ``start`` to ``end`` (None: to its end)."""
+    if _SEQUENTIAL is not None:
+        os.posix_fadvise(fd, start, 0 if end is None else end - start, _SEQUENTIAL)
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    crc = 0
+    pos = start
+    while end is None or pos < end:
+        want = CHUNK if end is None else min(CHUNK, end - pos)
+        got = os.preadv(fd, [view[:want]], pos)
+        if not got:
+            break
+        crc = zlib.crc32(view[:got], crc)
+        pos += got
+    return pos - start, crc
+
+
+# CRC-32 of two pieces joined, from their CRCs: zlib's crc32_combine, which Python's zlib
+# module does not expose. Polynomials over GF(2) in zlib's reflected bit order (bit 31 is
+# x^0); multiplying by x^(8 * n) shifts a CRC past n zero bytes.
+_POLY = 0xEDB88320
+
+
+def _multmodp(a: int, b: int) -> int:
+    """a(x) * b(x) modulo the CRC-32 polynomial."""
+    product = 0
+    bit = 1 << 31
+    while bit:
+        if a & bit:
+            product ^= b
+        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
+        bit >>= 1
+    return product
+
+
+_X2N = [1 << 30]  # x^(2^k) mod p for k = 0..31
+for _ in range(31):
+    _X2N.append(_multmodp(_X2N[-1], _X2N[-1]))
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """The CRC-32 of ``A + B`` from ``crc1 = crc32(A)``, ``crc2 = crc32(B)``, ``len(B)``."""
+    shift = 1 << 31  # x^0
+    k = 3  # x^(8 * len2) = product of x^(2^(k)) over the bits of len2, shifted by 3
+    while len2:
+        if len2 & 1:
+            shift = _multmodp(_X2N[k & 31], shift)
+        len2 >>= 1
+        k += 1
+    return _multmodp(shift, crc1) ^ crc2
 
 
 def read_all(path: str) -> bytes:
