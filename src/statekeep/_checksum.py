@@ -25,6 +25,8 @@ import threading
 import zlib
 from collections.abc import Callable
 
+from statekeep._atomic import full_fsync
+
 FIRST = 64 << 10  # the first read: all of a small file
 CHUNK = 1 << 20  # later reads, into one reused buffer small enough to stay in cache
 _SEQUENTIAL = getattr(os, "POSIX_FADV_SEQUENTIAL", None)  # absent on macOS
@@ -106,11 +108,11 @@ def checksum_file(path: str, *, sync: bool, expect: int = 0) -> tuple[int, int]:
         head = os.read(fd, FIRST)
         if len(head) < FIRST:  # a short read of a regular file is its end
             if sync:
-                os.fsync(fd)
+                full_fsync(fd)
             return len(head), zlib.crc32(head)
         if sync and size < _PARALLEL_SYNC:
             size_crc = _crc_rest(fd, head)
-            os.fsync(fd)
+            full_fsync(fd)
             return size_crc
         return _with_fsync(fd, sync, _crc_rest, fd, head)
     finally:
@@ -132,7 +134,7 @@ def _with_fsync(
 
     def flush() -> None:
         try:
-            os.fsync(fd)
+            full_fsync(fd)
         except BaseException as exc:  # surfaced below, after the join
             errors.append(exc)
 
