@@ -77,7 +77,7 @@ def goals(large_mb: list[int], counts: list[int]) -> list[Goal]:
             1.0,
             strict=True,
             fallback_den="ondine_style_1 KB",
-            least="replace_1 KB_nosync",
+            least="exchange_1 KB_nosync",
         ),
         Goal(
             "MemoryCheckpointStorage save+load 1 KB vs deepcopy round trip (issue 3)",
