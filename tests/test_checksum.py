@@ -352,3 +352,19 @@ class TestParallelPass:
         with pytest.raises(OSError, match="injected read error"):
             _checksum.checksum_file(str(tmp_path / "f"), sync=False)
         assert not [t for t in threading.enumerate() if t.name.startswith("statekeep-")]
+
+
+class TestParts:
+    """A part per CPU the load leaves free, one at least, MAX_PARTS at most."""
+
+    @pytest.mark.parametrize(
+        ("cpus", "load", "parts"),
+        [(2, 0.0, 2), (2, 0.9, 2), (2, 1.2, 1), (2, 9.0, 1), (8, 0.0, 4), (8, 5.5, 3), (1, 0, 1)],
+    )
+    def test_parts(
+        self, monkeypatch: pytest.MonkeyPatch, cpus: int, load: float, parts: int
+    ) -> None:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+        monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+        monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+        assert _checksum._parts() == parts
