@@ -170,6 +170,15 @@ def verified_read_two_threads(path: Path, size: int, crc: int) -> None:
     read_raw(path.parent, [path.name])
 
 
+def verified_read_one_thread(path: Path, size: int, crc: int) -> None:
+    """The least code that verifies a large file (one sequential pass), then loads it."""
+    out = [0]
+    crc_part(path, 0, size, out, 0)
+    if out[0] != crc:
+        raise ValueError(path)
+    read_raw(path.parent, [path.name])
+
+
 def minimal_commit_large(root: Path, name: str, data: bytes) -> None:
     """The least code that commits one large component crash-safely and verifiably:
     the component's write, its CRC-32 (from memory, beside the fsync), the file
@@ -433,6 +442,20 @@ def large_cases(tmp: Path, sizes: list[int]) -> list[Case]:
             )
         )
         crc = zlib.crc32(data)
+
+        def min_load1(path: Path = raw_copy, size: int = size, crc: int = crc) -> float:
+            evict(path)
+            return timed(lambda: verified_read_one_thread(path, size, crc), 1)
+
+        cases.append(
+            Case(
+                f"min_load1_{mb}",
+                f"minimal verify-then-load {mb} MB, 1 thread (inline, cold)",
+                min_load1,
+                baseline=f"raw_read_{mb}",
+                nbytes=size,
+            )
+        )
 
         def min_load2(path: Path = raw_copy, size: int = size, crc: int = crc) -> float:
             evict(path)

@@ -111,7 +111,7 @@ def goals(large_mb: list[int], counts: list[int]) -> list[Goal]:
                 f"raw_read_{mb}",
                 0.9,
                 throughput=True,
-                least=f"min_load2_{mb}",
+                least=f"min_load1_{mb}",
             )
         )
     for op in ("list", "latest", "cleanup"):
