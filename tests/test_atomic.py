@@ -303,6 +303,33 @@ class TestReplaceFile:
         assert final.read_bytes() == b"two-parts"
         assert os.listdir(tmp_path) == ["f.json"]
 
+    @pytest.mark.parametrize("durable", [True, False])
+    def test_a_directory_in_the_way_is_left_alone(self, tmp_path: Path, durable: bool) -> None:
+        final = tmp_path / "f.json"
+        final.mkdir()
+        (final / "inside").write_bytes(b"kept")
+        with pytest.raises(IsADirectoryError):
+            _atomic.replace_file(tmp_path, final, [b"new"], durable=durable)
+        assert (final / "inside").read_bytes() == b"kept"
+        assert os.listdir(tmp_path) == ["f.json"]
+
+    @pytest.mark.parametrize("durable", [True, False])
+    def test_a_symlink_in_the_way_is_replaced_not_followed(
+        self, tmp_path: Path, durable: bool
+    ) -> None:
+        outside = tmp_path / "outside"
+        outside.mkdir()
+        (outside / "target").write_bytes(b"theirs")
+        store = tmp_path / "store"
+        store.mkdir()
+        final = store / "f.json"
+        final.symlink_to(outside / "target")
+        _atomic.replace_file(store, final, [b"ours"], durable=durable)
+        assert not final.is_symlink()
+        assert final.read_bytes() == b"ours"
+        assert (outside / "target").read_bytes() == b"theirs"
+        assert os.listdir(store) == ["f.json"]
+
     def test_failure_mid_write_keeps_the_old_file(self, tmp_path: Path) -> None:
         final = tmp_path / "f.json"
         final.write_bytes(b"old")
