@@ -27,11 +27,17 @@ EXPECTED = {
     "CorruptStateError",
     "ExecutionContext",
     "FileCheckpointStorage",
+    "KeepAny",
+    "KeepBest",
+    "KeepEvery",
+    "KeepLatest",
     "LatestStatesKeeper",
     "MemoryCheckpointStorage",
+    "MissingComponentsError",
     "PersistentStateMixin",
     "PostgresCheckpointStorage",
     "RecoverableState",
+    "RetentionPolicy",
     "S3CheckpointStorage",
     "SQLiteCheckpointStorage",
     "StateExistsError",
@@ -44,6 +50,7 @@ EXPECTED = {
     "StorageError",
     "load_pickle",
     "save_pickle",
+    "verify_state",
 }
 
 _DIRECTIVE = re.compile(r"^:::\s*(?P<target>[\w.]+)\s*$")

@@ -9,12 +9,14 @@ from __future__ import annotations
 from statekeep._context import ExecutionContext
 from statekeep._keeper import LatestStatesKeeper
 from statekeep._manager import StateManager
+from statekeep._order import KeepAny, KeepBest, KeepEvery, KeepLatest, RetentionPolicy, StateInfo
 from statekeep._pickle import load_pickle, save_pickle
 from statekeep._recoverable import RecoverableState
-from statekeep._store import PersistentStateMixin, StateInfo, StateStore
+from statekeep._store import PersistentStateMixin, StateStore, verify_state
 from statekeep.errors import (
     CorruptCheckpointError,
     CorruptStateError,
+    MissingComponentsError,
     StateExistsError,
     StatekeepError,
     StateValidationError,
@@ -42,11 +44,17 @@ __all__ = [
     "CorruptStateError",
     "ExecutionContext",
     "FileCheckpointStorage",
+    "KeepAny",
+    "KeepBest",
+    "KeepEvery",
+    "KeepLatest",
     "LatestStatesKeeper",
     "MemoryCheckpointStorage",
+    "MissingComponentsError",
     "PersistentStateMixin",
     "PostgresCheckpointStorage",
     "RecoverableState",
+    "RetentionPolicy",
     "S3CheckpointStorage",
     "SQLiteCheckpointStorage",
     "StateExistsError",
@@ -59,4 +67,5 @@ __all__ = [
     "StorageError",
     "load_pickle",
     "save_pickle",
+    "verify_state",
 ]
