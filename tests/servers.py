@@ -191,7 +191,9 @@ class S3Server:
             self.proc.terminate()
             _wait_gone(self.proc)
 
-    def client(self, *, connect_timeout: float = 2, read_timeout: float = 10) -> Any:
+    def client(
+        self, *, connect_timeout: float = 2, read_timeout: float = 10, pool: int = 10
+    ) -> Any:
         """A boto3 S3 client for this server: short timeouts, no retry storm."""
         import boto3
         from botocore.config import Config
@@ -207,6 +209,7 @@ class S3Server:
                 read_timeout=read_timeout,
                 retries={"max_attempts": 2, "mode": "standard"},
                 s3={"addressing_style": "path"},
+                max_pool_connections=pool,
             ),
         )
 
