@@ -6,6 +6,7 @@ import errno
 import hashlib
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import botocore.exceptions
@@ -126,8 +127,12 @@ class TestListing:
 
     def test_more_than_one_page(self, url: str, s3_client: Any) -> None:
         storage = S3CheckpointStorage(url, client=s3_client)
-        for n in range(1005):
-            storage._write(storage._name(f"s{n}"), _blob(f"s{n}"))
+        with ThreadPoolExecutor(8) as pool:  # setup only: the PUTs in parallel
+            list(
+                pool.map(
+                    lambda n: storage._write(storage._name(f"s{n}"), _blob(f"s{n}")), range(1005)
+                )
+            )
         infos = storage.list_checkpoints()
         assert len(infos) == 1005
         assert {i.session_id for i in infos} == {f"s{n}" for n in range(1005)}
