@@ -6,6 +6,7 @@ import errno
 import logging
 import os
 import re
+import threading
 import sqlite3
 import zlib
 from collections.abc import Callable, Iterator
@@ -294,3 +295,26 @@ class TestFork:
         assert storage.load("child") == {"who": "child"}
         storage.save("parent", {"who": "parent", "again": True})
         assert storage.load("parent") == {"who": "parent", "again": True}
+
+
+class TestSpecialFiles:
+    """A FIFO where the database should be is refused, never waited on."""
+
+    def test_a_fifo_as_database(self, tmp_path: Path) -> None:
+        fifo = tmp_path / "db.sqlite"
+        os.mkfifo(fifo)
+        done = threading.Event()
+        seen: list[BaseException] = []
+
+        def open_it() -> None:
+            try:
+                SQLiteCheckpointStorage(fifo).close()
+            except BaseException as exc:
+                seen.append(exc)
+            done.set()
+
+        threading.Thread(target=open_it, daemon=True).start()
+        assert done.wait(10), "opening a FIFO as the database hung"
+        assert len(seen) == 1
+        assert isinstance(seen[0], StorageError)
+        assert isinstance(seen[0].__cause__, sqlite3.Error)
