@@ -6,8 +6,8 @@ import errno
 import logging
 import os
 import re
-import threading
 import sqlite3
+import threading
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import closing
