@@ -117,7 +117,10 @@ class TestSchema:
             PostgresCheckpointStorage(postgres_db)
         assert caught.value.__cause__ is not None
 
-    def test_processes_opening_a_fresh_database_at_once_all_work(self, postgres_db: str) -> None:
+    @pytest.mark.parametrize("attempt", range(6))
+    def test_processes_opening_a_fresh_database_at_once_all_work(
+        self, postgres_db: str, attempt: int
+    ) -> None:
         ctx = multiprocessing.get_context("fork")
         go = ctx.Event()
         results = ctx.Queue()
