@@ -14,6 +14,7 @@ import time
 import zlib
 from datetime import timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -728,3 +729,48 @@ class TestLoaderRacingKeeper:
                 proc.wait(30)
                 assert proc.stdout is not None
                 proc.stdout.close()
+
+
+class TestMetadata:
+    """save_state(metadata=...) lands in the manifest; verify_state checks without loading."""
+
+    def test_round_trip_and_verify_state(self, states_dir: Path) -> None:
+        store, value, *_ = make_store(states_dir)
+        path = store.save_state(metadata={"step": 7, "loss": 0.25, "tags": ["a"]})
+        [info] = store.list_states()
+        assert info.metadata == {"step": 7, "loss": 0.25, "tags": ["a"]}
+        value.value = b"changed"
+        checked = verify_state(path)
+        assert checked == info
+        assert value.value == b"changed"  # nothing was loaded
+
+    def test_verify_state_raises_on_damage(self, states_dir: Path) -> None:
+        store, *_ = make_store(states_dir)
+        path = store.save_state()
+        os.truncate(path / "model.pt", 1)
+        with pytest.raises(CorruptStateError, match=r"model\.pt is 1 bytes"):
+            verify_state(path)
+        with pytest.raises(FileNotFoundError):
+            verify_state(states_dir / "nope.state")
+
+    @pytest.mark.parametrize(
+        ("metadata", "error", "match"),
+        [
+            ({"step": 1, "when": object()}, TypeError, "metadata\\['when'\\] is not JSON-ready"),
+            ({"loss": float("nan")}, ValueError, "metadata\\['loss'\\]"),
+            ({1: "x"}, TypeError, "metadata key 1"),
+            ({"statekeep:components": []}, ValueError, "reserved"),
+        ],
+    )
+    def test_refused_before_anything_is_written(
+        self, states_dir: Path, metadata: dict[Any, Any], error: type[Exception], match: str
+    ) -> None:
+        store, *_ = make_store(states_dir)
+        with pytest.raises(error, match=match):
+            store.save_state(metadata=metadata)
+        assert os.listdir(states_dir) == []
+
+    def test_keyword_only(self, states_dir: Path) -> None:
+        store, *_ = make_store(states_dir)
+        with pytest.raises(TypeError):
+            store.save_state({"step": 1})  # type: ignore[misc]
