@@ -774,3 +774,38 @@ class TestMetadata:
         store, *_ = make_store(states_dir)
         with pytest.raises(TypeError):
             store.save_state({"step": 1})  # type: ignore[misc]
+
+
+class TestMissingComponentsWithoutARecord:
+    """States that did not record their components are checked by their top-level names."""
+
+    def test_state_from_an_older_statekeep(self, states_dir: Path) -> None:
+        fixture = Path(__file__).parent / "fixtures" / "v2.state"
+
+        class Pt(PersistentStateMixin):
+            data = b""
+
+            def load_state(self, path: Path) -> None:
+                self.data = path.with_name(path.name + ".pt").read_bytes()
+
+        store = StateStore(states_dir)
+        model = Pt()
+        store.register("model", model)  # the fixture holds model.pt and tree/
+        store.load_state(fixture)
+        assert model.data == (fixture / "model.pt").read_bytes()
+        store.register("scheduler", Value(b"untouched"))
+        with pytest.raises(MissingComponentsError) as info:
+            store.load_state(fixture)
+        assert info.value.missing == ("scheduler",)
+        assert info.value.present == ("model.pt", "tree")
+
+    def test_directory_without_manifest_is_not_checked(self, states_dir: Path) -> None:
+        legacy = states_dir / "legacy.state"
+        legacy.mkdir(parents=True)
+        (legacy / "a").write_bytes(b"A")
+        store = StateStore(states_dir)
+        a = Value()
+        store.register("a", a)
+        store.register("nothing", PersistentStateMixin())  # wrote nothing, as pamiq-core allows
+        store.load_state(legacy, verify=False)
+        assert a.value == b"A"
