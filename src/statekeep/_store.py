@@ -265,8 +265,8 @@ class StateStore:
                         vanished = True
                         break
                     bad.add(entry.path)
-                    # The error names the state and the file; say what we do about it.
-                    logger.warning("statekeep: skipping state: %s; trying an older one", exc)
+                    # The error names the state and the file; say what we do about it, once.
+                    _scan.warn_once(entry.path, exc, "skipping %s (%s); trying an older one")
                     continue
                 except Exception:
                     if os.path.isdir(entry.path):
