@@ -7,6 +7,7 @@ import errno
 import json
 import logging
 import os
+import pickle
 import subprocess
 import sys
 import threading
@@ -25,6 +26,7 @@ from statekeep import (
     PersistentStateMixin,
     StateExistsError,
     StateInfo,
+    StatekeepError,
     StateStore,
     _atomic,
     _commit,
@@ -506,6 +508,18 @@ class TestMissingComponents:
         with pytest.raises(MissingComponentsError, match="lacks registered components"):
             store.load_latest_state()
         assert store.load_latest_state(allow_missing=True) == newest
+
+    def test_error_pickles_with_its_fields(self) -> None:
+        error = MissingComponentsError("state /s lacks", state="/s", missing=["b"], present=["a"])
+        back = pickle.loads(pickle.dumps(error))
+        assert type(back) is MissingComponentsError
+        assert (str(back), back.state, back.missing, back.present) == (
+            "state /s lacks",
+            "/s",
+            ("b",),
+            ("a",),
+        )
+        assert isinstance(back, StatekeepError)
 
     def test_sibling_files_count_as_the_component(self, states_dir: Path) -> None:
         store, *_ = make_store(states_dir)
