@@ -10,11 +10,12 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import pydantic
 from typing_extensions import Self
 
+from statekeep._fork import on_fork_child
 from statekeep._recoverable_hooks import AutoPersist
 from statekeep._recoverable_schema import Migration, check_schema, decode_state, encode_state
 from statekeep.errors import StateValidationError, StateVersionError
@@ -96,9 +97,10 @@ class RecoverableState(Generic[TModel]):
             raise TypeError(
                 f"persist_state_key must be a str, not {type(persist_state_key).__name__}"
             )
-        if not persist_state_key or "\0" in persist_state_key:
+        if "\0" in persist_state_key or (persistence_enabled and not persist_state_key):
             raise ValueError(
-                f"persist_state_key must be a non-empty str without NUL, not {persist_state_key!r}"
+                f"persist_state_key must be a non-empty str without NUL when persistence is "
+                f"enabled, not {persist_state_key!r}"
             )
         if storage is not None and not isinstance(storage, CheckpointStorage):
             raise TypeError(
@@ -138,12 +140,25 @@ class RecoverableState(Generic[TModel]):
         self._seq = 0  # snapshot counter, under _lock
         self._saved_seq = 0  # newest snapshot written, under _io_lock
         self._auto = AutoPersist(
-            self.persist_state,
+            self._persist_now,
             name=persist_state_key,
             interval=persist_interval if self._enabled else None,
             on_exit=bool(persist_on_exit) and self._enabled,
             log=self._log,
         )
+        if not self._enabled and (storage is not None or persist_interval is not None):
+            given = " and ".join(
+                name
+                for name, value in (("storage", storage), ("persist_interval", persist_interval))
+                if value is not None
+            )
+            self._log.warning(
+                "RecoverableState %r: %s given but persistence_enabled is False, so nothing "
+                "will be loaded or saved; pass persistence_enabled=True to persist",
+                persist_state_key,
+                given,
+            )
+        on_fork_child(self._after_fork)
 
     @property
     def current_value(self) -> TModel:
@@ -180,16 +195,17 @@ class RecoverableState(Generic[TModel]):
                 self._close_storage()
                 raise
             self._active = True
-            self._auto.start()
+            self._auto.start(self)
             return self._state
 
     def _load(self, storage: CheckpointStorage) -> TModel:
         record = storage.load(self._key)
         if record is None:
             return self._default.model_copy(deep=True)
+        metadata = self._metadata(storage)
         try:
             return decode_state(
-                self._key, record, self._model, self._schema_version, self._migrations
+                self._key, record, metadata, self._model, self._schema_version, self._migrations
             )
         except StateVersionError:
             raise
@@ -199,6 +215,13 @@ class RecoverableState(Generic[TModel]):
             self._log.warning("%s; on_invalid='reset': starting from the default state", exc)
             return self._default.model_copy(deep=True)
 
+    def _metadata(self, storage: CheckpointStorage) -> Mapping[str, Any] | None:
+        """The metadata of this key's checkpoint (where the schema version is kept)."""
+        for info in storage.list_checkpoints():
+            if info.session_id == self._key:
+                return info.metadata
+        return None
+
     @contextmanager
     def update(self) -> Iterator[TModel]:
         """Hold the lock the autosave takes and yield :attr:`current_value` to mutate.
@@ -206,39 +229,37 @@ class RecoverableState(Generic[TModel]):
         ``with state.update() as value: value.a += 1; value.b += 1`` is persisted either
         before or after both changes, never between them. Re-entrant.
         """
-        with self._auto.critical(), self._lock:
+        with self._lock:
             yield self.current_value
 
-    def persist_state(self) -> None:
+    def persist_state(self, event_data: object = None) -> None:
         """Save a snapshot of the current value now; a no-op when persistence is disabled.
+
+        Args:
+            event_data: ignored; accepted so that the method can be wired as an event
+                listener, as crawlee does with its ``PERSIST_STATE`` event.
 
         Raises:
             RuntimeError: not initialized (or already torn down).
         """
-        if not self._enabled:
-            return
-        with self._auto.critical():
-            with self._lock:
-                if not self._active or self._storage is None:
-                    raise RuntimeError(
-                        f"RecoverableState {self._key!r} is not initialized; nothing to persist"
-                    )
-                storage = self._storage
-                record = encode_state(self.current_value, self._schema_version)
-                self._seq += 1
-                seq = self._seq
-            with self._io_lock:
-                if seq <= self._saved_seq:
-                    return  # a newer snapshot is already written
-                storage.save(
-                    self._key,
-                    record,
-                    metadata={
-                        "kind": "statekeep.RecoverableState",
-                        "schema_version": self._schema_version,
-                    },
+        if self._enabled:
+            self._persist_now()
+
+    def _persist_now(self) -> None:
+        with self._lock:
+            if not self._active or self._storage is None:
+                raise RuntimeError(
+                    f"RecoverableState {self._key!r} is not initialized; nothing to persist"
                 )
-                self._saved_seq = seq
+            storage = self._storage
+            data, metadata = encode_state(self.current_value, self._schema_version)
+            self._seq += 1
+            seq = self._seq
+        with self._io_lock:
+            if seq <= self._saved_seq:
+                return  # a newer snapshot is already written
+            storage.save(self._key, data, metadata=metadata)
+            self._saved_seq = seq
 
     def reset(self) -> None:
         """Go back to a deep copy of the default and remove the persisted value.
@@ -246,7 +267,7 @@ class RecoverableState(Generic[TModel]):
         Raises:
             RuntimeError: persistence is enabled and the state is not initialized.
         """
-        with self._auto.critical(), self._lock:
+        with self._lock:
             if self._enabled and (not self._active or self._storage is None):
                 raise RuntimeError(f"RecoverableState {self._key!r} is not initialized")
             self._state = self._default.model_copy(deep=True)
@@ -284,6 +305,12 @@ class RecoverableState(Generic[TModel]):
         tb: TracebackType | None,
     ) -> None:
         self.teardown()
+
+    def _after_fork(self) -> None:
+        # In a child made by fork() only the forking thread exists: a lock held by the
+        # autosave thread (or any other) at that instant would never be released.
+        self._lock = threading.RLock()
+        self._io_lock = threading.Lock()
 
     # -- storage -------------------------------------------------------------------
 
