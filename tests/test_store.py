@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
+import subprocess
+import sys
+import threading
 import time
 import zlib
 from datetime import timezone
@@ -15,12 +19,17 @@ import pytest
 
 from statekeep import (
     CorruptStateError,
+    LatestStatesKeeper,
+    MissingComponentsError,
     PersistentStateMixin,
     StateExistsError,
     StateInfo,
     StateStore,
     _atomic,
+    _commit,
     _manifest,
+    _store,
+    verify_state,
 )
 
 
@@ -77,7 +86,7 @@ def make_store(states_dir: Path, **kw: object) -> tuple[StateStore, Value, Folde
 
 
 def private_entries(states_dir: Path) -> list[str]:
-    return sorted(n for n in os.listdir(states_dir / _atomic.PRIVATE_DIR) if n != "sequence")
+    return sorted(n for n in os.listdir(states_dir) if _atomic.is_private(n))
 
 
 class TestRegister:
@@ -127,7 +136,7 @@ class TestSave:
 
     def test_creates_states_dir_with_parents(self, tmp_path: Path) -> None:
         StateStore(tmp_path / "a" / "b")
-        assert (tmp_path / "a" / "b" / _atomic.PRIVATE_DIR).is_dir()
+        assert os.listdir(tmp_path / "a" / "b") == []  # created, and holds only states
 
     @pytest.mark.parametrize("durable", [True, False])
     def test_round_trip(self, states_dir: Path, durable: bool) -> None:
@@ -158,7 +167,7 @@ class TestSave:
 
             def save_state(self, path: Path) -> None:
                 seen.append((self.name, path))
-                assert os.listdir(states_dir) == [_atomic.PRIVATE_DIR]  # nothing visible yet
+                assert os.listdir(states_dir) == [path.parent.name]  # only the private build
                 path.write_text(self.name)
 
         store = StateStore(states_dir)
@@ -167,7 +176,8 @@ class TestSave:
         final = store.save_state()
         assert [name for name, _ in seen] == ["c", "a", "b"]
         build = seen[0][1].parent
-        assert build.parent == states_dir / _atomic.PRIVATE_DIR
+        assert build.parent == states_dir
+        assert _atomic.is_private(build.name)
         assert build.name.endswith(".work")
         assert all(path.parent == build for _, path in seen)
         assert (final / "a").read_text() == "a"
@@ -189,8 +199,7 @@ class TestSave:
         store.register("broken", Broken())
         with pytest.raises(OSError, match="No space left"):
             store.save_state()
-        assert os.listdir(states_dir) == [_atomic.PRIVATE_DIR]
-        assert private_entries(states_dir) == []
+        assert os.listdir(states_dir) == []
 
     @pytest.mark.parametrize("fmt", ["a/%f.state", "", "..", ".statekeep%f"])
     def test_bad_name_format(self, states_dir: Path, fmt: str) -> None:
@@ -295,7 +304,9 @@ class TestListing:
         store, *_ = make_store(states_dir)
         path = store.save_state()
         [info] = store.list_states()
-        assert info == StateInfo(path, info.created_at, 2 + 1 + 1 + 100 + 1)
+        assert info == StateInfo(path, info.created_at, 2 + 1 + 1 + 100 + 1, info.sequence, {})
+        assert info.sequence >= 1
+        assert info.location == "local"
         assert info.created_at.tzinfo is not None
         assert info.created_at.utcoffset() == timezone.utc.utcoffset(None)
         with pytest.raises(dataclasses.FrozenInstanceError):
@@ -306,7 +317,7 @@ class TestListing:
         path = store.save_state()
         (states_dir / "notes.state").write_text("a file")
         (states_dir / "legacy.state").mkdir()
-        (states_dir / _atomic.PRIVATE_DIR / "x.work").mkdir()
+        (states_dir / ".statekeep-x.work").mkdir()
         assert [i.path for i in store.list_states()] == [path]
         assert store.latest_state() == path
 
@@ -367,19 +378,15 @@ class TestLoadLatest:
         assert str(flipped) in skipped[1]
         assert "value has CRC-32" in skipped[1]
 
-    def test_skips_a_newer_directory_without_manifest(
-        self, states_dir: Path, caplog: pytest.LogCaptureFixture
-    ) -> None:
+    def test_a_newer_directory_without_manifest_is_ordered_below(self, states_dir: Path) -> None:
         store, *_ = make_store(states_dir)
         good = store.save_state()
         legacy = states_dir / "legacy.state"
         legacy.mkdir()
         future = time.time() + 3600
         os.utime(legacy, (future, future))
-        with caplog.at_level(logging.WARNING, logger="statekeep"):
-            assert store.load_latest_state() == good
-        assert f"skipping state: state {legacy} has no manifest" in caplog.text
-        assert "has no manifest" in caplog.text
+        assert store.load_latest_state() == good
+        assert store.latest_state() == good
 
     def test_none_verifies(self, states_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
         store, *_ = make_store(states_dir)
@@ -395,18 +402,329 @@ class TestSweepOnOpen:
 
     def test_reclaims_dead_work(self, states_dir: Path) -> None:
         StateStore(states_dir)
-        private = states_dir / _atomic.PRIVATE_DIR
-        (private / "dead.work").mkdir()
-        (private / "dead.work" / "half").write_bytes(b"x")
-        (private / "gone.trash").mkdir()
+        private = states_dir
+        (private / ".statekeep-dead.work").mkdir()
+        (private / ".statekeep-dead.work" / "half").write_bytes(b"x")
+        (private / ".statekeep-gone.trash").mkdir()
         StateStore(states_dir)
         assert private_entries(states_dir) == []
 
     def test_keeps_live_work(self, states_dir: Path) -> None:
-        private = _atomic.ensure_private(states_dir, durable=False)
-        work = _atomic.Work(private, is_dir=True)
+        _atomic.make_root(states_dir, durable=False)
+        work = _atomic.Work(states_dir, is_dir=True)
         try:
             StateStore(states_dir)
             assert work.path.is_dir()
         finally:
             work.discard()
+
+
+class SteppedClock:
+    """Stands in for ``datetime`` in the modules that read the clock, shifted by ``offset``."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import datetime as real
+
+        self.offset = real.timedelta(0)
+        clock = self
+
+        class Shifted(real.datetime):
+            @classmethod
+            def now(cls, tz: real.tzinfo | None = None) -> Shifted:  # type: ignore[override]
+                moment = real.datetime.now(tz) + clock.offset
+                return cls.fromtimestamp(moment.timestamp(), tz)
+
+        for module in (_store, _commit):
+            monkeypatch.setattr(module, "datetime", Shifted)
+
+    def step_back(self, hours: float) -> None:
+        import datetime as real
+
+        self.offset -= real.timedelta(hours=hours)
+
+
+class TestClockSteps:
+    """A clock stepped back between saves changes no decision: order is the sequence."""
+
+    def test_latest_list_load_and_keeper_follow_the_sequence(
+        self, states_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        clock = SteppedClock(monkeypatch)
+        store, value, *_ = make_store(states_dir)
+        value.value = b"before"
+        before = store.save_state()
+        clock.step_back(1)  # NTP step, VM resume
+        value.value = b"after"
+        after = store.save_state()
+        assert after.name < before.name  # named by the stepped clock
+        infos = store.list_states()
+        assert [i.path for i in infos] == [before, after]
+        assert infos[1].created_at < infos[0].created_at
+        assert infos[0].sequence < infos[1].sequence
+        assert store.latest_state() == after
+        value.value = b""
+        assert store.load_latest_state() == after
+        assert value.value == b"after"
+        assert LatestStatesKeeper(states_dir, max_keep=1).cleanup() == [before]
+        assert store.latest_state() == after
+
+
+class TestMissingComponents:
+    """load_state checks the manifest's names before calling any component."""
+
+    def test_refused_before_any_component_is_called(self, states_dir: Path) -> None:
+        old = StateStore(states_dir)
+        old.register("model", Value(b"weights"))
+        saved = old.save_state()
+        new = StateStore(states_dir)
+        model, scheduler = Value(b"untouched"), Value(b"untouched")
+        new.register("model", model)
+        new.register("scheduler", scheduler)
+        for load in (lambda: new.load_latest_state(), lambda: new.load_state(saved)):
+            with pytest.raises(MissingComponentsError) as info:
+                load()
+            assert info.value.state == str(saved)
+            assert info.value.missing == ("scheduler",)
+            assert info.value.present == ("model",)
+            assert str(saved) in str(info.value)
+            assert "scheduler" in str(info.value)
+            assert model.value == b"untouched"  # nothing was handed to any component
+        assert new.load_latest_state(allow_missing=True) == saved
+        assert model.value == b"weights"
+        assert scheduler.value == b"untouched"  # absent: not called
+
+    def test_no_silent_fallback_to_an_older_state(self, states_dir: Path) -> None:
+        store = StateStore(states_dir)
+        a, b = Value(b"1"), Value(b"1")
+        store.register("a", a)
+        store.register("b", b)
+        store.save_state()  # complete, older
+        newer = StateStore(states_dir)
+        newer.register("a", Value(b"2"))
+        newest = newer.save_state()  # lacks b
+        with pytest.raises(MissingComponentsError, match="lacks registered components"):
+            store.load_latest_state()
+        assert store.load_latest_state(allow_missing=True) == newest
+
+    def test_sibling_files_count_as_the_component(self, states_dir: Path) -> None:
+        store, *_ = make_store(states_dir)
+        path = store.save_state()
+        store.load_state(path)  # model.pt and model.optim.pt are "model"
+
+
+class TestUnreadableStates:
+    """One unreadable state never stops the others; loading it directly raises a typed error."""
+
+    def fail_reads_under(
+        self, monkeypatch: pytest.MonkeyPatch, where: Path, err: int = errno.EIO
+    ) -> None:
+        real_open = os.open
+
+        def failing_open(path: object, *args: object, **kw: object) -> int:
+            if os.fspath(path).startswith(f"{where}/"):  # type: ignore[call-overload]
+                raise OSError(err, os.strerror(err), os.fspath(path))  # type: ignore[call-overload]
+            return real_open(path, *args, **kw)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(os, "open", failing_open)
+
+    @pytest.mark.parametrize("err", [errno.EIO, errno.EACCES])
+    def test_oldest_unreadable(
+        self,
+        states_dir: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture,
+        err: int,
+    ) -> None:
+        store, value, *_ = make_store(states_dir)
+        bad = store.save_state()
+        value.value = b"v2"
+        good = store.save_state()
+        self.fail_reads_under(monkeypatch, bad, err)
+        with caplog.at_level(logging.WARNING, logger="statekeep"):
+            for _ in range(3):
+                assert [i.path for i in store.list_states()] == [good]
+                assert store.latest_state() == good
+                assert store.load_latest_state() == good
+            assert LatestStatesKeeper(states_dir, max_keep=1).plan() == [bad]
+        told = [r.getMessage() for r in caplog.records if str(bad) in r.getMessage()]
+        assert len(told) == 1, told  # once per path, not per call
+        with pytest.raises(CorruptStateError, match=str(bad)):
+            store.load_state(bad)
+
+    def test_eio_in_a_file_of_the_newest_falls_back(
+        self, states_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        store, value, *_ = make_store(states_dir)
+        good = store.save_state()
+        value.value = b"v2"
+        newest = store.save_state()
+        self.fail_reads_under(monkeypatch, newest / "folder")
+        value.value = b""
+        assert store.load_latest_state() == good
+        assert value.value == b"v1"
+        with pytest.raises(CorruptStateError, match=str(newest)):
+            store.load_state(newest)
+        assert LatestStatesKeeper(states_dir, max_keep=1).cleanup() == []
+
+    @pytest.mark.timeout(30)  # a FIFO opened for reading would block forever
+    def test_fifo_as_a_manifest(self, states_dir: Path) -> None:
+        store, *_ = make_store(states_dir)
+        good = store.save_state()
+        fifo = store.save_state()
+        (fifo / _manifest.MANIFEST_NAME).unlink()
+        os.mkfifo(fifo / _manifest.MANIFEST_NAME)
+        assert [i.path for i in store.list_states()] == [good]
+        assert store.latest_state() == good
+        assert store.load_latest_state() == good
+        for check in (store.load_state, verify_state):
+            with pytest.raises(CorruptStateError, match="not a regular file"):
+                check(fifo)
+        # No readable manifest: ordered below the good state, and it does not count.
+        assert LatestStatesKeeper(states_dir, max_keep=1).cleanup() == [fifo]
+
+
+class TestNames:
+    """A name that is another's prefix plus a dot is refused: their files could collide."""
+
+    @pytest.mark.parametrize(
+        ("first", "second"), [("model", "model.optim"), ("model.optim", "model")]
+    )
+    def test_prefix_plus_dot(self, states_dir: Path, first: str, second: str) -> None:
+        store = StateStore(states_dir)
+        store.register(first, Value())
+        with pytest.raises(ValueError, match=rf"'{second}' clashes with registered '{first}'"):
+            store.register(second, Value())
+        store.register("modelx", Value())  # no dot: no clash
+        store.register("mode", Value())
+
+    def test_save_logs_at_debug(self, states_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+        store, *_ = make_store(states_dir)
+        with caplog.at_level(logging.DEBUG, logger="statekeep"):
+            path = store.save_state()
+        [info] = store.list_states()
+        line = f"saved state {path} (sequence {info.sequence}, {info.size_bytes} bytes)"
+        assert line in caplog.text
+
+
+class Gen(PersistentStateMixin):
+    """Writes a generation number; its load tolerates a missing file (as many real ones do)."""
+
+    def __init__(self) -> None:
+        self.gen = 0
+        self.value: int | None = None
+        self.loaded_from: Path | None = None
+        self.calls = 0
+
+    def save_state(self, path: Path) -> None:
+        path.write_text(str(self.gen))
+
+    def load_state(self, path: Path) -> None:
+        self.calls += 1
+        self.loaded_from = path.parent
+        try:
+            self.value = int(path.read_text())
+        except FileNotFoundError:
+            self.value = None  # a lenient component: would keep a partial load silently
+
+
+def gen_store(states_dir: Path) -> tuple[StateStore, Gen, Gen]:
+    store = StateStore(states_dir, f"%Y-%m-%d_%H-%M-%S,%f-{threading.get_ident()}.state")
+    a, b = Gen(), Gen()
+    store.register("a", a)
+    store.register("b", b)
+    return store, a, b
+
+
+class TestLoaderRacingKeeper:
+    """A loader racing saves and a max_keep=1 keeper loads the newest state that still exists."""
+
+    LOADS = 500
+
+    def check_loads(self, states_dir: Path) -> int:
+        loader, a, b = gen_store(states_dir)
+        retried = 0
+        for _ in range(self.LOADS):
+            a.calls = b.calls = 0
+            path = loader.load_latest_state()
+            assert path is not None, "None while a committed state exists"
+            # Both components got the whole of one state, the one returned.
+            assert a.loaded_from == b.loaded_from == path
+            assert a.value is not None
+            assert a.value == b.value
+            retried += a.calls > 1
+        return retried
+
+    def test_threads(self, states_dir: Path) -> None:
+        saver, a, b = gen_store(states_dir)
+        saver.durable = False
+        saver.save_state()
+        stop = threading.Event()
+        failures: list[BaseException] = []
+
+        def save_forever() -> None:
+            try:
+                while not stop.is_set():
+                    a.gen = b.gen = a.gen + 1
+                    saver.save_state()
+            except BaseException as exc:
+                failures.append(exc)
+
+        thread = threading.Thread(target=save_forever)
+        keeper = LatestStatesKeeper(states_dir, max_keep=1, cleanup_interval=0)
+        thread.start()
+        keeper.start()
+        try:
+            self.check_loads(states_dir)
+        finally:
+            stop.set()
+            keeper.stop()
+            thread.join(30)
+        assert not thread.is_alive()
+        assert failures == []
+        assert a.gen > 0
+
+    def test_processes(self, states_dir: Path, worker_env: dict[str, str]) -> None:
+        StateStore(states_dir)
+        saver_code = (
+            "import sys, pathlib\n"
+            "from statekeep import StateStore, PersistentStateMixin\n"
+            "class G(PersistentStateMixin):\n"
+            "    gen = 0\n"
+            "    def save_state(self, path):\n"
+            "        path.write_text(str(self.gen))\n"
+            "s = StateStore(sys.argv[1], '%Y-%m-%d_%H-%M-%S,%f-p.state', durable=False)\n"
+            "a, b = G(), G()\n"
+            "s.register('a', a); s.register('b', b)\n"
+            "s.save_state(); print('ready', flush=True)\n"
+            "while True:\n"
+            "    a.gen = b.gen = a.gen + 1\n"
+            "    s.save_state()\n"
+        )
+        keeper_code = (
+            "import sys\n"
+            "from statekeep import LatestStatesKeeper\n"
+            "k = LatestStatesKeeper(sys.argv[1], max_keep=1, cleanup_interval=0)\n"
+            "print('ready', flush=True)\n"
+            "k.start(background=False)\n"
+        )
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", code, str(states_dir)],
+                stdout=subprocess.PIPE,
+                env=worker_env,
+            )
+            for code in (saver_code, keeper_code)
+        ]
+        try:
+            for proc in procs:
+                assert proc.stdout is not None
+                assert proc.stdout.readline() == b"ready\n"
+            self.check_loads(states_dir)
+            for proc in procs:
+                assert proc.poll() is None, "a worker died during the race"
+        finally:
+            for proc in procs:
+                proc.kill()
+                proc.wait(30)
+                assert proc.stdout is not None
+                proc.stdout.close()

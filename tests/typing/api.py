@@ -175,7 +175,10 @@ def manager(storage: CheckpointStorage) -> None:
     plain = StateManager(storage)
     assert_type(plain, StateManager[ExecutionContext])
     context = ExecutionContext(total_rows=10)
-    assert_type(context.session_id, UUID)
+    assert_type(context.session_id, UUID | str)
+    context.complete_rows(0, count=2)
+    context.update_row(5)
+    assert_type(context.pending_completions, set[int])
     assert_type(context.to_checkpoint(), dict[str, Any])
     assert_type(ExecutionContext.from_checkpoint({"last_processed_row": 3}), ExecutionContext)
     if plain.should_checkpoint(500):
