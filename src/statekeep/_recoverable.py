@@ -50,8 +50,10 @@ class RecoverableState(Generic[TModel]):
     Args:
         default_state: the value to start from when nothing is persisted; a deep copy
             is used, the instance itself is never mutated.
-        persist_state_key: the storage session under which the value is kept.
-        persistence_enabled: when False, nothing is read or written.
+        persist_state_key: the storage session under which the value is kept; may be
+            empty only while persistence is disabled.
+        persistence_enabled: when False, nothing is read or written (and giving
+            ``storage`` or ``persist_interval`` anyway logs one warning).
         storage: where to persist; by default a ``FileCheckpointStorage`` in
             ``$STATEKEEP_STATE_DIR`` (else ``./.statekeep-state``), created on
             :meth:`initialize` and closed on :meth:`teardown`. A storage you pass is
@@ -66,8 +68,15 @@ class RecoverableState(Generic[TModel]):
             from the default instead. A persisted version that is too new always raises
             :class:`StateVersionError`.
         persist_on_exit: also persist at normal interpreter exit and on SIGTERM (the
-            SIGTERM handler is installed only when initialized from the main thread,
-            and hands the signal on to the handler it replaced).
+            SIGTERM handler is installed only when initialized from the main thread;
+            it hands the save to a helper thread, never doing I/O itself, and passes
+            the signal on to the handler it replaced).
+
+    The persisted record is the model's own JSON dump (``{"root": dump}`` for a
+    ``RootModel`` whose dump is not an object), with the schema version in the
+    checkpoint's metadata. The autosave thread holds the state weakly: a state dropped
+    without :meth:`teardown` is collected and its thread stops. In a child made by
+    ``fork()`` the state's calls work, but it neither autosaves nor runs exit hooks.
 
     Raises:
         TypeError: ``default_state`` is not a pydantic model, or ``storage`` does not
