@@ -657,7 +657,9 @@ class TestSigtermInProcess:
         with make(RecordingStorage(), Pair(), persist_on_exit=True):
             assert signal.getsignal(signal.SIGTERM) is not mine
         assert signal.getsignal(signal.SIGTERM) is mine
-        assert not [t for t in threading.enumerate() if t.name == "statekeep-sigterm"]
+        for helper in [t for t in threading.enumerate() if t.name == "statekeep-sigterm"]:
+            helper.join(WAIT)  # told to stop; it ends once its queue is empty
+            assert not helper.is_alive()
 
     def test_ignored_sigterm_stays_ignored(self) -> None:
         recording = RecordingStorage()

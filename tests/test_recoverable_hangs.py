@@ -226,3 +226,44 @@ class TestDroppedWithoutTeardown:
         thread.join(WAIT)
         assert not thread.is_alive()
         assert alive() is None
+
+
+class TestTeardownFromTheApplicationsHandler:
+    """A graceful-shutdown handler that calls teardown() itself neither hangs nor loses."""
+
+    @pytest.mark.parametrize("inside_update", [False, True])
+    def test_no_hang(self, inside_update: bool) -> None:
+        storage = MemoryCheckpointStorage()
+        state = RecoverableState(
+            default_state=Count(),
+            persist_state_key="graceful",
+            persistence_enabled=True,
+            storage=storage,
+            persist_on_exit=True,
+        )
+        done: list[int] = []
+
+        def handler(signum: int, frame: object) -> None:
+            state.teardown()
+            done.append(signum)
+
+        original = signal.signal(signal.SIGTERM, handler)
+        try:
+            state.initialize()
+            with state.update() as value:
+                value.n = 5
+                if inside_update:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    for _ in range(1000):  # bytecodes for the handler to run in
+                        pass
+            if not inside_update:
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(1000):
+                    pass
+        finally:
+            signal.signal(signal.SIGTERM, original)
+        assert done == [signal.SIGTERM]
+        assert storage.load("graceful") == {"n": 5}
+        for helper in [t for t in threading.enumerate() if t.name == "statekeep-sigterm"]:
+            helper.join(WAIT)
+            assert not helper.is_alive()

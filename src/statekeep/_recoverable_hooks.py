@@ -100,16 +100,18 @@ class _Handoff:
                 _start_deaf(self._thread)
 
     def release(self) -> None:
-        """One hook fewer; the last one stops the thread (after any queued job)."""
+        """One hook fewer; the last one stops the thread once its queued jobs are done.
+
+        It does not wait for the thread: ``teardown()`` may be called from the
+        application's own SIGTERM handler, while a queued save waits for a lock the
+        interrupted main thread holds.
+        """
         with self._guard:
             self._users -= 1
-            thread = None
             if self._users <= 0 and self._thread is not None:
                 self._users = 0
                 self._jobs.put(None)
-                thread, self._thread = self._thread, None
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
+                self._thread = None
 
     def submit(self, work: Callable[[], None]) -> None:
         """Run ``work`` in the hand-off thread. Safe in a signal handler."""
