@@ -267,3 +267,53 @@ class TestTeardownFromTheApplicationsHandler:
         for helper in [t for t in threading.enumerate() if t.name == "statekeep-sigterm"]:
             helper.join(WAIT)
             assert not helper.is_alive()
+
+
+# A save that never finishes: the storage's save blocks forever.
+STUCK_SAVE = textwrap.dedent(
+    """
+    import threading
+    from pydantic import BaseModel
+    import statekeep._recoverable_hooks as hooks
+    from statekeep import MemoryCheckpointStorage, RecoverableState
+
+    hooks.SIGTERM_GRACE = 0.5
+
+    class Stuck(MemoryCheckpointStorage):
+        def save(self, *args, **kwargs):
+            threading.Event().wait()
+
+    class Count(BaseModel):
+        n: int = 0
+
+    state = RecoverableState(default_state=Count(), persist_state_key="job",
+                             persistence_enabled=True, storage=Stuck(), persist_on_exit=True)
+    state.initialize()
+    print("ready", flush=True)
+    threading.Event().wait()
+    """
+)
+
+
+class TestSigtermGrace:
+    """A save on SIGTERM that never ends does not keep the process alive."""
+
+    def test_terminated_after_the_grace_period(self) -> None:
+        env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        child = subprocess.Popen(
+            [sys.executable, "-c", STUCK_SAVE],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        try:
+            assert child.stdout is not None
+            assert child.stdout.readline() == "ready\n", child.communicate(timeout=WAIT)
+            child.send_signal(signal.SIGTERM)
+            _, err = child.communicate(timeout=WAIT)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.communicate()
+        assert child.returncode == -signal.SIGTERM, err

@@ -13,7 +13,8 @@ thread (``queue.SimpleQueue.put`` is re-entrant and never blocks) and returns; t
 thread carries on and releases its locks while the hand-off thread persists. Then:
 
 - default action: the handler has already put SIGTERM back to ``SIG_DFL``; the hand-off
-  thread, once every state is persisted, sends SIGTERM to the process, which dies by it;
+  thread, once every state is persisted (or after ``SIGTERM_GRACE`` seconds at most),
+  sends SIGTERM to the process, which dies by it;
 - an ignored SIGTERM stays ignored;
 - the application's own Python handler is called at once, by the handler, in the main
   thread (Python calls handlers nowhere else). It usually makes the program exit, and
@@ -142,6 +143,28 @@ def _terminate() -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+SIGTERM_GRACE = 30.0
+"""Seconds the saves on SIGTERM may take before the default action happens anyway.
+
+A save that cannot finish (a storage that hangs, a main thread that never lets go of
+the state's lock) must not keep a process alive that was told to terminate. Every save
+is atomic, so terminating in the middle of one keeps the previous value.
+"""
+
+
+def _persist_then_terminate(works: list[Callable[[], None]]) -> Callable[[], None]:
+    def job() -> None:
+        deadline = threading.Timer(SIGTERM_GRACE, _terminate)
+        deadline.daemon = True
+        deadline.name = "statekeep-sigterm-deadline"
+        deadline.start()  # SIGTERM is blocked in this thread, so in the timer's too
+        for work in works:
+            work()
+        _terminate()
+
+    return job
+
+
 _handoff = _Handoff()
 
 
@@ -202,9 +225,7 @@ class SigtermHook:
             # SIGTERM once persisted. A second SIGTERM meanwhile kills at once.
             signal.signal(signum, signal.SIG_DFL)
             _handoff.dying = True
-            for work in works:
-                _handoff.submit(work)
-            _handoff.submit(_terminate)
+            _handoff.submit(_persist_then_terminate(works))
         else:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
