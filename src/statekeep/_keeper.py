@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
 
-from statekeep import _atomic, _fork, _scan
+from statekeep import _atomic, _fork, _scan, _sequence
 from statekeep._order import (
     EntryKind,
     KeepLatest,
@@ -112,7 +112,12 @@ class LatestStatesKeeper:
         infos: list[StateInfo] = []
         seals: dict[Path, int | None] = {}
         seen: dict[tuple[str, int], tuple[StateInfo, int]] = {}
-        for entry in oldest_first(_scan.scan(self.states_dir, self.state_name_pattern)):
+        entries = oldest_first(_scan.scan(self.states_dir, self.state_name_pattern))
+        if entries and entries[-1].kind is EntryKind.STATE:
+            # A state copied in by hand may be numbered above the directory's counter:
+            # raise it, or the saves that follow would be ordered below it and pruned.
+            _sequence.catch_up(self.states_dir, entries[-1].sequence)
+        for entry in entries:
             if entry.kind is not EntryKind.STATE:
                 info = _scan.head_info(entry)
                 seal: int | None = None

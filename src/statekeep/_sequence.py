@@ -25,12 +25,22 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 from collections.abc import Iterator
 
 from statekeep import _atomic, _fork, _manifest
 
-__all__ = ["XATTR", "SequenceCounter", "carry_over", "highest_committed", "next_sequence"]
+__all__ = [
+    "XATTR",
+    "SequenceCounter",
+    "carry_over",
+    "catch_up",
+    "highest_committed",
+    "next_sequence",
+]
+
+logger = logging.getLogger("statekeep")
 
 XATTR = "user.statekeep.sequence"
 _HAS_XATTR = hasattr(os, "getxattr") and hasattr(os, "setxattr")
@@ -105,8 +115,25 @@ class SequenceCounter:
                 os.close(fd)  # the child's own copy: the parent's open file stays open
 
     def _open(self) -> int:
-        if self._fd < 0:
-            self._fd = os.open(self._root, os.O_RDONLY | os.O_DIRECTORY)
+        """The directory's descriptor (the caller holds ``_lock``).
+
+        A held descriptor is checked against what ``root`` names now: a directory that
+        was moved away and replaced (a backup restored, a script rotating folders) must
+        not keep receiving the numbers of the new one, or two writers of the new
+        directory (one holding the old descriptor) would hand out the same number.
+        """
+        fd = self._fd
+        if fd >= 0:
+            try:
+                now = os.stat(self._root)
+            except OSError:
+                return fd  # gone: the commit that follows says so
+            held = os.fstat(fd)
+            if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                return fd
+            self._fd = -1
+            os.close(fd)
+        self._fd = os.open(self._root, os.O_RDONLY | os.O_DIRECTORY)
         return self._fd
 
     def _bump_xattr(self, fd: int) -> int | None:
@@ -186,6 +213,24 @@ class SequenceCounter:
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
 
+    def observe(self, highest: int) -> None:
+        """Make every later number larger than ``highest``, a sequence seen in the directory.
+
+        States copied into the directory by hand (resuming from a backup) carry numbers
+        the attribute never handed out; without this, the next save would be numbered
+        below them, ordered older than they are, and pruned at once. Costs nothing when
+        ``highest`` is not above what this counter has seen. Without attributes there is
+        nothing to do (each commit reads the manifests). A failure (a read-only
+        filesystem, a directory we may only read) is ignored: a reader must not fail
+        for it.
+        """
+        if highest <= self._last or not self._xattr:
+            return
+        try:
+            self.raise_to(highest)
+        except OSError as exc:
+            logger.debug("statekeep: could not raise the counter of %s: %s", self._root, exc)
+
     def close(self) -> None:
         """Close the directory (the next call reopens it)."""
         with self._lock:
@@ -203,6 +248,27 @@ def next_sequence(root: str | os.PathLike[str]) -> int:
     counter = SequenceCounter(root)
     try:
         return counter.next()
+    finally:
+        counter.close()
+
+
+def catch_up(root: str | os.PathLike[str], highest: int) -> None:
+    """:meth:`SequenceCounter.observe` for a caller that holds no counter (the keeper).
+
+    Reads the attribute without opening the directory; only when it is below
+    ``highest`` is the directory opened, locked and the attribute raised.
+    """
+    if not _HAS_XATTR or highest <= 0:
+        return
+    try:
+        raw = os.getxattr(root, XATTR).strip()
+    except OSError:
+        return  # missing (the next commit starts above the manifests) or unsupported
+    if raw.isdigit() and len(raw) <= _MAX_DIGITS and int(raw) >= highest:
+        return
+    counter = SequenceCounter(root)
+    try:
+        counter.observe(highest)
     finally:
         counter.close()
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from statekeep import _atomic, _commit, _manifest, _scan, _sequence
-from statekeep._order import EntryKind, StateInfo, oldest_first
+from statekeep._order import Entry, EntryKind, StateInfo, oldest_first
 from statekeep.errors import (
     CorruptStateError,
     MissingComponentsError,
@@ -97,6 +97,9 @@ class StateStore:
         _atomic.make_root(self.states_dir, durable=durable)
         self._counter = _sequence.SequenceCounter(self._root)
         _atomic.sweep(self.states_dir)
+        # States copied in by hand (a backup restored) may carry numbers above the
+        # directory's counter: the next save must still be numbered above them.
+        self._counter.observe(_sequence.highest_committed(self._root))
 
     def register(self, name: str, state: PersistentStateMixin) -> None:
         """Add a component; it is saved at ``<state dir>/<name>``.
@@ -201,6 +204,13 @@ class StateStore:
             if component not in missing:
                 state.load_state(path / component)
 
+    def _scan(self) -> list[Entry]:
+        """The directory's entries, oldest first; the counter learns the highest sequence."""
+        entries = oldest_first(_scan.scan(self._root))
+        if entries and entries[-1].kind is EntryKind.STATE:
+            self._counter.observe(entries[-1].sequence)
+        return entries
+
     def list_states(self) -> list[StateInfo]:
         """Committed states (directories with a readable manifest), oldest first.
 
@@ -208,7 +218,7 @@ class StateStore:
         state whose manifest cannot be read is left out and logged once.
         """
         infos: list[StateInfo] = []
-        for entry in oldest_first(_scan.scan(self._root)):
+        for entry in self._scan():
             if entry.kind is not EntryKind.STATE:
                 continue
             try:
@@ -221,7 +231,7 @@ class StateStore:
 
     def latest_state(self) -> Path | None:
         """The newest committed state (highest sequence with a readable manifest), or None."""
-        for entry in reversed(oldest_first(_scan.scan(self._root))):
+        for entry in reversed(self._scan()):
             if entry.kind is not EntryKind.STATE:
                 break  # unsequenced entries are all ordered below the states
             try:
@@ -250,7 +260,7 @@ class StateStore:
         seen: list[str] | None = None
         for _ in range(_MAX_RESCANS):
             vanished = False
-            entries = oldest_first(_scan.scan(self._root))
+            entries = self._scan()
             for entry in reversed(entries):
                 if entry.kind is not EntryKind.STATE:
                     break
