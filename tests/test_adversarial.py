@@ -285,3 +285,24 @@ class TestUnremovableState:
             assert os.listdir(states_dir) == [third.name]
 
         as_nobody(scenario)
+
+    def test_removed_by_another_pruner_meanwhile_is_not_a_permission_error(
+        self, states_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Two keepers pruning one directory: the one that comes second finds the state
+        gone (FileNotFoundError, which the keeper skips), not forbidden."""
+        s, _ = store(states_dir)
+        state = s.save_state()
+        real = os.access
+        fired = threading.Event()
+
+        def other_keeper_first(path: object, mode: int, **kw: bool) -> bool:
+            if not fired.is_set():
+                fired.set()
+                _atomic.discard_committed(states_dir, state)
+            return real(path, mode, **kw)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(os, "access", other_keeper_first)
+        with pytest.raises(FileNotFoundError):
+            _atomic.discard_committed(states_dir, state)
+

@@ -416,6 +416,8 @@ def discard_committed(root: Path, path: Path) -> None:
     if stat.S_ISDIR(os.lstat(path).st_mode) and not os.access(
         path, os.R_OK | os.W_OK | os.X_OK, follow_symlinks=False
     ):
+        if not os.path.lexists(path):  # access() says False for a path removed meanwhile
+            raise FileNotFoundError(errno.ENOENT, "already removed", str(path))
         raise PermissionError(
             errno.EACCES, "a directory this user may not list or empty", str(path)
         )
