@@ -305,4 +305,3 @@ class TestUnremovableState:
         monkeypatch.setattr(os, "access", other_keeper_first)
         with pytest.raises(FileNotFoundError):
             _atomic.discard_committed(states_dir, state)
-
