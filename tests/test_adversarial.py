@@ -161,7 +161,7 @@ class TestResumeFromACopiedInState:
 
     def test_a_reader_that_may_not_raise_the_counter(self, backup: Path, nobody_dir: Path) -> None:
         states_dir = nobody_dir / "states"
-        store(states_dir)
+        mine = store(states_dir)[0].save_state()  # the attribute says 1
         self.copy_in(backup, states_dir)
         if os.geteuid() == 0:
             os.chown(states_dir, 0, 0)  # root's; the reader below is nobody
@@ -172,12 +172,27 @@ class TestResumeFromACopiedInState:
             reader, blob = store(states_dir)
             assert reader.load_latest_state() == states_dir / backup.name
             assert blob.loaded == b"backup"
-            assert [i.sequence for i in reader.list_states()] == [20]
+            assert [i.path for i in reader.list_states()] == [mine, states_dir / backup.name]
 
         try:
             as_nobody(scenario)
         finally:
             states_dir.chmod(0o755)
+
+    def test_a_damaged_number_is_not_believed(self, states_dir: Path) -> None:
+        """A manifest whose head claims the largest number but fails its seal must not
+        push the counter there: every later save would be numbered out of range."""
+        s, _ = store(states_dir)
+        hostile = s.save_state()
+        manifest = hostile / ".statekeep-manifest.json"
+        raw = manifest.read_bytes().replace(b'"sequence": 1,', b'"sequence": 9223372036854775807,')
+        manifest.write_bytes(raw)
+        s2, _ = store(states_dir)
+        assert s2.load_latest_state() is None
+        LatestStatesKeeper(states_dir, max_keep=5).cleanup()
+        saved = s2.save_state()
+        assert verify_state(saved).sequence == 2
+        assert s2.load_latest_state() == saved
 
 
 class TestStatesDirReplaced:

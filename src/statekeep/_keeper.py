@@ -112,12 +112,7 @@ class LatestStatesKeeper:
         infos: list[StateInfo] = []
         seals: dict[Path, int | None] = {}
         seen: dict[tuple[str, int], tuple[StateInfo, int]] = {}
-        entries = oldest_first(_scan.scan(self.states_dir, self.state_name_pattern))
-        if entries and entries[-1].kind is EntryKind.STATE:
-            # A state copied in by hand may be numbered above the directory's counter:
-            # raise it, or the saves that follow would be ordered below it and pruned.
-            _sequence.catch_up(self.states_dir, entries[-1].sequence)
-        for entry in entries:
+        for entry in oldest_first(_scan.scan(self.states_dir, self.state_name_pattern)):
             if entry.kind is not EntryKind.STATE:
                 info = _scan.head_info(entry)
                 seal: int | None = None
@@ -142,6 +137,10 @@ class LatestStatesKeeper:
             infos.append(info)
             seals[info.path] = seal
         self._infos = seen  # forget what is gone
+        if seen:
+            # A state copied in by hand may be numbered above the directory's counter:
+            # raise it, or the saves that follow would be ordered below it and pruned.
+            _sequence.catch_up(self.states_dir, max(key[1] for key in seen))
         return infos, seals
 
     def plan(self, now: datetime | None = None) -> list[Path]:

@@ -102,6 +102,7 @@ class SequenceCounter:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self._root = os.fspath(root)
         self._fd = -1
+        self._id = (0, 0)  # (st_dev, st_ino) of the directory ``_fd`` holds open
         self._lock = _fork.new_lock()
         self._xattr = _HAS_XATTR  # False once the filesystem refuses attributes
         self._last = 0  # the highest number this object has seen or handed out
@@ -128,13 +129,14 @@ class SequenceCounter:
                 now = os.stat(self._root)
             except OSError:
                 return fd  # gone: the commit that follows says so
-            held = os.fstat(fd)
-            if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+            if (now.st_dev, now.st_ino) == self._id:
                 return fd
             self._fd = -1
             os.close(fd)
-        self._fd = os.open(self._root, os.O_RDONLY | os.O_DIRECTORY)
-        return self._fd
+        fd = os.open(self._root, os.O_RDONLY | os.O_DIRECTORY)
+        held = os.fstat(fd)
+        self._fd, self._id = fd, (held.st_dev, held.st_ino)
+        return fd
 
     def _bump_xattr(self, fd: int) -> int | None:
         """Increment the attribute (the caller holds the flock); None if unsupported."""
@@ -213,23 +215,41 @@ class SequenceCounter:
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
 
+    @property
+    def seen(self) -> int:
+        """The highest number this counter has handed out or been shown."""
+        return self._last
+
     def observe(self, highest: int) -> None:
-        """Make every later number larger than ``highest``, a sequence seen in the directory.
+        """Make every later number larger than ``highest``, the sequence of a state seen
+        in the directory (from a manifest that was read whole and matched its seal).
 
         States copied into the directory by hand (resuming from a backup) carry numbers
         the attribute never handed out; without this, the next save would be numbered
         below them, ordered older than they are, and pruned at once. Costs nothing when
-        ``highest`` is not above what this counter has seen. Without attributes there is
-        nothing to do (each commit reads the manifests). A failure (a read-only
-        filesystem, a directory we may only read) is ignored: a reader must not fail
-        for it.
+        ``highest`` is not above what this counter has seen. A failure to raise the
+        attribute (a read-only filesystem, a directory we may only read) is ignored: a
+        reader must not fail for it.
         """
-        if highest <= self._last or not self._xattr:
+        if highest <= self._last:
             return
-        try:
-            self.raise_to(highest)
-        except OSError as exc:
-            logger.debug("statekeep: could not raise the counter of %s: %s", self._root, exc)
+        with self._lock:
+            self._last = max(self._last, highest)
+            if not self._xattr:
+                return  # each commit reads the manifests: nothing is stored
+            try:
+                fd = self._open()
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    current = _get(fd)
+                    if current is not None and current < highest:
+                        _set(fd, highest)
+                finally:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+            except _NoXattr:
+                self._xattr = False
+            except OSError as exc:
+                logger.debug("statekeep: could not raise the counter of %s: %s", self._root, exc)
 
     def close(self) -> None:
         """Close the directory (the next call reopens it)."""

@@ -97,9 +97,7 @@ class StateStore:
         _atomic.make_root(self.states_dir, durable=durable)
         self._counter = _sequence.SequenceCounter(self._root)
         _atomic.sweep(self.states_dir)
-        # States copied in by hand (a backup restored) may carry numbers above the
-        # directory's counter: the next save must still be numbered above them.
-        self._counter.observe(_sequence.highest_committed(self._root))
+        self._scan()  # a state copied in by hand may be numbered above the counter
 
     def register(self, name: str, state: PersistentStateMixin) -> None:
         """Add a component; it is saved at ``<state dir>/<name>``.
@@ -205,10 +203,24 @@ class StateStore:
                 state.load_state(path / component)
 
     def _scan(self) -> list[Entry]:
-        """The directory's entries, oldest first; the counter learns the highest sequence."""
+        """The directory's entries, oldest first.
+
+        States copied in by hand (a backup restored) carry numbers the directory's
+        counter never handed out: the counter is shown the highest of them, so that the
+        next save is still numbered above (else it would be ordered older, and pruned).
+        Only a manifest read whole and matching its seal is believed, and only when its
+        head shows a number above what the counter has seen (no extra read otherwise).
+        """
         entries = oldest_first(_scan.scan(self._root))
-        if entries and entries[-1].kind is EntryKind.STATE:
-            self._counter.observe(entries[-1].sequence)
+        for entry in reversed(entries):
+            if entry.kind is not EntryKind.STATE or entry.sequence <= self._counter.seen:
+                break
+            try:
+                manifest = _scan.read_manifest(entry.path)
+            except (FileNotFoundError, CorruptStateError):
+                continue
+            self._counter.observe(manifest.sequence)
+            break
         return entries
 
     def list_states(self) -> list[StateInfo]:
