@@ -7,6 +7,7 @@ store order, report or prune wrongly before it was fixed.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -23,11 +24,12 @@ from statekeep import (
     StateStore,
     _atomic,
     _checksum,
+    _manifest,
     _scan,
     _sequence,
     verify_state,
 )
-from statekeep.errors import CorruptStateError
+from statekeep.errors import CorruptStateError, StorageError
 
 
 class Blob(PersistentStateMixin):
@@ -193,6 +195,59 @@ class TestResumeFromACopiedInState:
         saved = s2.save_state()
         assert verify_state(saved).sequence == 2
         assert s2.load_latest_state() == saved
+
+
+class TestHugeNumbersInTheDirectory:
+    """A manifest claiming the largest sequence cannot make later saves unloadable.
+
+    Before: where the counter comes from the manifests (no extended attributes, or the
+    attribute lost in a copy), a damaged head claiming 2**63-1 made every later save
+    numbered 2**63: committed, but refused by every reader ("not an integer from 0
+    to ..."), so nothing saved after it could ever be loaded.
+    """
+
+    @pytest.fixture(params=["scan", "attribute lost"])
+    def without_attribute(
+        self, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+    ) -> Callable[[Path], None]:
+        if request.param == "scan":
+            monkeypatch.setattr(_sequence, "_HAS_XATTR", False)
+            return lambda states_dir: None
+        if not _sequence._HAS_XATTR:
+            pytest.skip("no extended attributes here")
+        return lambda states_dir: os.removexattr(states_dir, _sequence.XATTR)
+
+    def claim_max(self, state: Path, *, sealed: bool) -> None:
+        path = state / _manifest.MANIFEST_NAME
+        if sealed:
+            m = dataclasses.replace(_manifest.read_manifest(state), sequence=(1 << 63) - 1)
+            path.write_bytes(m.to_bytes())
+        else:
+            raw = path.read_bytes()
+            path.write_bytes(raw.replace(b'"sequence": 1,', b'"sequence": 9223372036854775807,'))
+
+    def test_a_damaged_head_is_not_believed(
+        self, states_dir: Path, without_attribute: Callable[[Path], None]
+    ) -> None:
+        s, _ = store(states_dir)
+        self.claim_max(s.save_state(), sealed=False)
+        without_attribute(states_dir)
+        s2, _ = store(states_dir)
+        saved = s2.save_state()
+        verify_state(saved)
+        assert s2.load_latest_state() == saved
+
+    def test_a_sealed_maximum_refuses_the_save(
+        self, states_dir: Path, without_attribute: Callable[[Path], None]
+    ) -> None:
+        s, _ = store(states_dir)
+        top = s.save_state()
+        self.claim_max(top, sealed=True)
+        without_attribute(states_dir)
+        s2, _ = store(states_dir)
+        with pytest.raises(StorageError, match="exhausted"):
+            s2.save_state()
+        assert os.listdir(states_dir) == [top.name]  # nothing unloadable was committed
 
 
 class TestStatesDirReplaced:

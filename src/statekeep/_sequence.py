@@ -30,6 +30,7 @@ import os
 from collections.abc import Iterator
 
 from statekeep import _atomic, _fork, _manifest
+from statekeep.errors import CorruptStateError, StorageError
 
 __all__ = [
     "XATTR",
@@ -46,6 +47,7 @@ XATTR = "user.statekeep.sequence"
 _HAS_XATTR = hasattr(os, "getxattr") and hasattr(os, "setxattr")
 _UNSUPPORTED = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM})
 _MAX_DIGITS = 19  # sequences stay below 2**63
+_MAX_SEQUENCE = (1 << 63) - 1  # what a manifest accepts (statekeep._manifest)
 
 
 class _NoXattr(Exception):
@@ -76,19 +78,39 @@ def _set(fd: int, value: int) -> None:
 
 
 def highest_committed(root: str) -> int:
-    """The highest sequence among the manifests of ``root``'s states (0 if none).
+    """The highest sequence among the sealed manifests of ``root``'s states (0 if none).
 
-    Reads only the head of each manifest (:func:`statekeep._manifest.read_order`).
+    The heads of the manifests (:func:`statekeep._manifest.read_order`) rank the states;
+    the manifest at the top is then read whole and must match its seal, else the next
+    one down is tried: a damaged or hostile head claiming a huge number must not push
+    every later commit's number out of range (each would then fail to load).
     """
-    best = 0
+    heads: list[tuple[int, str]] = []
     with os.scandir(root) as it:
         for entry in it:
             if _atomic.is_private(entry.name) or not entry.is_dir(follow_symlinks=False):
                 continue
             order = _manifest.read_order(entry.path)
-            if order is not None and order[1] > best:
-                best = order[1]
-    return best
+            if order is not None:
+                heads.append((order[1], entry.path))
+    heads.sort(reverse=True)
+    for _, path in heads:
+        try:
+            return _manifest.read_manifest(path).sequence
+        except (FileNotFoundError, CorruptStateError):
+            continue
+    return 0
+
+
+def _checked(value: int, root: str) -> int:
+    """``value`` if a manifest can hold it; else the directory's numbers are spent."""
+    if value > _MAX_SEQUENCE:
+        raise StorageError(
+            errno.EOVERFLOW,
+            f"the commit sequence of {root} is exhausted (a state there is numbered"
+            f" {value - 1}); move its states to a new directory",
+        )
+    return value
 
 
 class SequenceCounter:
@@ -144,7 +166,7 @@ class SequenceCounter:
             current = _get(fd)
             if current is None:
                 current = highest_committed(self._root)
-            value = max(current, self._last) + 1
+            value = _checked(max(current, self._last) + 1, self._root)
             _set(fd, value)
         except _NoXattr:
             self._xattr = False
@@ -159,7 +181,7 @@ class SequenceCounter:
         whether another writer committed since, and a directory's timestamps cannot
         say so reliably (coarse on some filesystems, and changed by our own work).
         """
-        self._last = max(self._last, highest_committed(self._root)) + 1
+        self._last = _checked(max(self._last, highest_committed(self._root)) + 1, self._root)
         return self._last
 
     @contextlib.contextmanager
