@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
 
-from statekeep import _atomic, _fork, _scan
+from statekeep import _atomic, _fork, _scan, _sequence
 from statekeep._order import (
     EntryKind,
     KeepLatest,
@@ -137,6 +137,10 @@ class LatestStatesKeeper:
             infos.append(info)
             seals[info.path] = seal
         self._infos = seen  # forget what is gone
+        if seen:
+            # A state copied in by hand may be numbered above the directory's counter:
+            # raise it, or the saves that follow would be ordered below it and pruned.
+            _sequence.catch_up(self.states_dir, max(key[1] for key in seen))
         return infos, seals
 
     def plan(self, now: datetime | None = None) -> list[Path]:

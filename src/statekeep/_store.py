@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from statekeep import _atomic, _commit, _manifest, _scan, _sequence
-from statekeep._order import EntryKind, StateInfo, oldest_first
+from statekeep._order import Entry, EntryKind, StateInfo, oldest_first
 from statekeep.errors import (
     CorruptStateError,
     MissingComponentsError,
@@ -97,6 +97,7 @@ class StateStore:
         _atomic.make_root(self.states_dir, durable=durable)
         self._counter = _sequence.SequenceCounter(self._root)
         _atomic.sweep(self.states_dir)
+        self._scan()  # a state copied in by hand may be numbered above the counter
 
     def register(self, name: str, state: PersistentStateMixin) -> None:
         """Add a component; it is saved at ``<state dir>/<name>``.
@@ -201,6 +202,27 @@ class StateStore:
             if component not in missing:
                 state.load_state(path / component)
 
+    def _scan(self) -> list[Entry]:
+        """The directory's entries, oldest first.
+
+        States copied in by hand (a backup restored) carry numbers the directory's
+        counter never handed out: the counter is shown the highest of them, so that the
+        next save is still numbered above (else it would be ordered older, and pruned).
+        Only a manifest read whole and matching its seal is believed, and only when its
+        head shows a number above what the counter has seen (no extra read otherwise).
+        """
+        entries = oldest_first(_scan.scan(self._root))
+        for entry in reversed(entries):
+            if entry.kind is not EntryKind.STATE or entry.sequence <= self._counter.seen:
+                break
+            try:
+                manifest = _scan.read_manifest(entry.path)
+            except (FileNotFoundError, CorruptStateError):
+                continue
+            self._counter.observe(manifest.sequence)
+            break
+        return entries
+
     def list_states(self) -> list[StateInfo]:
         """Committed states (directories with a readable manifest), oldest first.
 
@@ -208,7 +230,7 @@ class StateStore:
         state whose manifest cannot be read is left out and logged once.
         """
         infos: list[StateInfo] = []
-        for entry in oldest_first(_scan.scan(self._root)):
+        for entry in self._scan():
             if entry.kind is not EntryKind.STATE:
                 continue
             try:
@@ -221,7 +243,7 @@ class StateStore:
 
     def latest_state(self) -> Path | None:
         """The newest committed state (highest sequence with a readable manifest), or None."""
-        for entry in reversed(oldest_first(_scan.scan(self._root))):
+        for entry in reversed(self._scan()):
             if entry.kind is not EntryKind.STATE:
                 break  # unsequenced entries are all ordered below the states
             try:
@@ -250,7 +272,7 @@ class StateStore:
         seen: list[str] | None = None
         for _ in range(_MAX_RESCANS):
             vanished = False
-            entries = oldest_first(_scan.scan(self._root))
+            entries = self._scan()
             for entry in reversed(entries):
                 if entry.kind is not EntryKind.STATE:
                     break
