@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import BinaryIO, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
-__all__ = ["Remote", "RemoteObject", "check_key"]
+__all__ = ["Remote", "RemoteObject", "Source", "check_key"]
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,14 @@ class RemoteObject:
     modified: datetime
 
 
+class Source(Protocol):
+    """**Protocol:** what :meth:`Remote.put_if_absent` reads from (a binary file will do)."""
+
+    def read(self, size: int, /) -> bytes:
+        """Up to ``size`` bytes; ``b""`` at the end."""
+        ...
+
+
 @runtime_checkable
 class Remote(Protocol):
     """**Protocol:** a flat store of immutable objects that snapshots are published to.
@@ -28,7 +36,7 @@ class Remote(Protocol):
     boundary; a missing key is :class:`FileNotFoundError`.
     """
 
-    def put_if_absent(self, key: str, source: BinaryIO, size: int) -> None:
+    def put_if_absent(self, key: str, source: Source, size: int) -> None:
         """Create ``key`` from exactly ``size`` bytes read from ``source``, streamed.
 
         Create-only: the object appears complete or not at all, and never replaces one.

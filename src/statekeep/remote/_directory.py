@@ -19,10 +19,9 @@ import time
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import BinaryIO
 
 from statekeep.errors import StateExistsError, StorageError
-from statekeep.remote._base import RemoteObject, check_key
+from statekeep.remote._base import RemoteObject, Source, check_key
 
 __all__ = ["DirectoryRemote"]
 
@@ -85,7 +84,7 @@ class DirectoryRemote:
             return StorageError(exc.errno, f"{op} of {key!r} in {self.root} failed: {why}")
         return StorageError(exc.errno, f"{op} of {key!r} in {self.root} failed: {exc}")
 
-    def put_if_absent(self, key: str, source: BinaryIO, size: int) -> None:
+    def put_if_absent(self, key: str, source: Source, size: int) -> None:
         """Create ``key`` from ``size`` bytes of ``source``; see the :class:`Remote` protocol."""
         parts = self._parts(key)
         tmp = f"{self.root}/{INCOMING}/{secrets.token_hex(8)}.tmp"

@@ -16,10 +16,10 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
-from typing import Any, BinaryIO, NoReturn
+from typing import Any, NoReturn
 
 from statekeep.errors import StateExistsError, StorageError
-from statekeep.remote._base import RemoteObject, check_key
+from statekeep.remote._base import RemoteObject, Source, check_key
 
 __all__ = ["S3Remote"]
 
@@ -27,7 +27,7 @@ PART_SIZE = 8 << 20
 MAX_IN_FLIGHT = 4
 
 
-def _read_exact(source: BinaryIO, size: int, key: str) -> bytes:
+def _read_exact(source: Source, size: int, key: str) -> bytes:
     data = source.read(size)
     if len(data) != size:  # a raw file may return short reads: finish them
         chunks = [data]
@@ -114,7 +114,7 @@ class S3Remote:
     def _errors(self) -> tuple[type[BaseException], ...]:
         return (self._client_error, self._boto_error, OSError)
 
-    def put_if_absent(self, key: str, source: BinaryIO, size: int) -> None:
+    def put_if_absent(self, key: str, source: Source, size: int) -> None:
         """Create ``key`` from ``size`` bytes of ``source``; see the :class:`Remote` protocol."""
         full = self.prefix + check_key(key)
         if size <= self.part_size:
@@ -127,7 +127,7 @@ class S3Remote:
         self._put_multipart(key, full, source, size)
 
     def _conflict(self, op: str, key: str, exc: BaseException) -> NoReturn:
-        """Map a failed create-only write (a 409 is a loss if the other writer's object is there)."""
+        """Map a failed create-only write (a 409 is a loss if the other's object is there)."""
         code = (
             exc.response.get("Error", {}).get("Code")
             if isinstance(exc, self._client_error)
@@ -143,7 +143,7 @@ class S3Remote:
                 raise StateExistsError(errno.EEXIST, f"object {where} already exists", where)
         self._raise(op, key, exc)
 
-    def _put_multipart(self, key: str, full: str, source: BinaryIO, size: int) -> None:
+    def _put_multipart(self, key: str, full: str, source: Source, size: int) -> None:
         try:
             upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=full)[
                 "UploadId"
