@@ -437,10 +437,20 @@ class Publisher:
         return good
 
     def publish(self, path: str | Path) -> None:
-        """Publish one committed state (see :func:`publish_state`), then what is pending."""
+        """Publish what earlier saves left unpublished, then the committed state ``path``.
+
+        Raises:
+            StateExistsError: another writer already published a state of that name.
+            StorageError: the remote failed; the message says the state is committed
+                locally and that the next save publishes it.
+        """
         path = os.fspath(path)
         name = os.path.basename(path)
+        with self._lock:
+            due = bool(self._failed) or not self._checked
         try:
+            if due:  # older ones first: a crash or failure may have left some behind
+                self.publish_pending(everything=False, skip=name)
             publish_state(self.remote, path)
         except StateExistsError as exc:
             raise StateExistsError(
@@ -459,11 +469,8 @@ class Publisher:
             ) from exc
         with self._lock:
             self._failed.discard(name)
-            due = bool(self._failed) or not self._checked
-        if due:
-            self.publish_pending(everything=False)
 
-    def publish_pending(self, *, everything: bool = True) -> list[Path]:
+    def publish_pending(self, *, everything: bool = True, skip: str = "") -> list[Path]:
         """Publish local states missing on the remote; return those published.
 
         With ``everything=False`` only those newer than the remote's oldest state (an
@@ -482,7 +489,7 @@ class Publisher:
         local: list[tuple[int, str]] = []
         with os.scandir(self.root) as it:
             for entry in it:
-                if _atomic.is_private(entry.name) or entry.name in on_remote:
+                if _atomic.is_private(entry.name) or entry.name in on_remote or entry.name == skip:
                     continue
                 if not entry.is_dir(follow_symlinks=False):
                     continue
