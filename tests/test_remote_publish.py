@@ -10,8 +10,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from conftest import commit
 
+from conftest import commit
 from statekeep import CorruptStateError, StateExistsError, StorageError, _atomic, _manifest
 from statekeep import _publish as pub
 from statekeep._manifest import Entry, Manifest
@@ -243,7 +243,7 @@ class TestPending:
             raise StorageError("injected: remote down")
 
         dir_remote.put_if_absent = down  # type: ignore[method-assign]
-        with pytest.raises(StorageError, match="committed locally.*next save publishes it"):
+        with pytest.raises(StorageError, match=r"committed locally.*next save publishes it"):
             publisher.publish(first)
         assert first.is_dir()
         dir_remote.put_if_absent = real_put  # type: ignore[method-assign]
