@@ -32,7 +32,7 @@ DIRECTORY_KILLS = 100
 S3_KILLS = 30
 
 
-def check_restored(path: Path) -> int:
+def check_restored(path: Path, expect: frozenset[str] = frozenset({"small", "tree", "big"})) -> int:
     """The generation of a complete, unmixed restored state (AssertionError otherwise)."""
     gens = set()
     for dirpath, _dirs, files in os.walk(path):
@@ -43,7 +43,7 @@ def check_restored(path: Path) -> int:
             gen = int(head)
             assert body == payload(gen, len(body)), f"{dirpath}/{name} is not gen {gen}'s data"
             gens.add(gen)
-    assert {p.name for p in path.iterdir()} >= {"small", "tree", "big"}, sorted(os.listdir(path))
+    assert {p.name for p in path.iterdir()} >= expect, sorted(os.listdir(path))
     assert len(gens) == 1, f"{path} mixes generations {gens}"
     return gens.pop()
 

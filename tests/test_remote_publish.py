@@ -312,3 +312,11 @@ class TestPrune:
         pub.prune_remote(dir_remote, -1, now=later)
         assert orphan not in {o.key for o in dir_remote.list(pub.DATA)}
         assert len(pub.read_remote_states(dir_remote)[0]) == 1
+
+    def test_counter_survives_removing_everything(self, remote: Remote, tmp_path: Path) -> None:
+        """max_keep=0 removes every state but the highest marker: claims never go back."""
+        states = self._publish(remote, tmp_path, 3)
+        assert pub.prune_remote(remote, 0) == [s.name for s in states]
+        assert pub.read_remote_states(remote) == ([], [])
+        assert [o.key for o in remote.list(pub.SEQ)] == [pub.seq_key(states[-1].sequence)]
+        assert pub.claim_sequence(remote, 1) == states[-1].sequence + 1

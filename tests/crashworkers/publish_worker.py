@@ -5,6 +5,8 @@ forked child commits states ``<gen>.state`` locally and publishes them to REMOTE
 or ``s3://bucket/prefix`` with the endpoint and keys in the environment) until it is
 killed, writing ``saved GEN PATH`` as each save (commit + publish) returns.
 
+``writer STATES_DIR REMOTE TAG COUNT``: commits and publishes COUNT states (no kill).
+
 Every file starts with the generation and continues with a pattern derived from it
 (``snapshot_worker.payload``), so a restored state that mixes saves is caught.
 """
@@ -43,6 +45,23 @@ def save_loop(states_dir: str, remote_url: str, base: int, seed: int, durable: b
         emit(f"saved {gen} {final}")
 
 
+def writer(states_dir: str, remote_url: str, tag: str, count: int) -> None:
+    """Commit and publish ``count`` states named ``<gen>-<tag>.state``; never killed."""
+    from statekeep import _commit, _publish
+    from statekeep.remote import open_remote
+
+    publisher = _publish.Publisher(open_remote(remote_url), states_dir, durable=False)
+    counter = publisher.counter()
+    for gen in range(count):
+        final = f"{states_dir}/{gen}-{tag}.state"
+        with _commit.BuildDir(states_dir, durable=False, counter=counter) as b:
+            write_file(b.path / "small", gen, 100 + gen)
+            write_file(b.path / "big", gen, 50_000)
+            b.commit(final)
+        publisher.publish(final)
+        emit(f"saved {gen} {final}")
+
+
 def zygote(states_dir: str, remote_url: str) -> None:
     import statekeep._publish
     import statekeep.remote  # noqa: F401  (imported once, before forking)
@@ -54,6 +73,9 @@ def zygote(states_dir: str, remote_url: str) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] != "zygote":
+    if sys.argv[1] == "zygote":
+        zygote(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "writer":
+        writer(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
+    else:
         sys.exit(f"unknown mode {sys.argv[1]!r}")
-    zygote(sys.argv[2], sys.argv[3])
