@@ -15,27 +15,33 @@ import pytest
 
 from statekeep import StateExistsError, _atomic
 
-PRIVATE = _atomic.PRIVATE_DIR
+
+def private_entries(root: Path) -> list[str]:
+    """The entries of ``root`` that are statekeep's own work (not committed states)."""
+    return sorted(n for n in os.listdir(root) if _atomic.is_private(n))
 
 
 @pytest.fixture
 def private(states_dir: Path) -> Path:
-    return _atomic.ensure_private(states_dir, durable=True)
+    """The directory work entries live in: the states directory itself."""
+    _atomic.make_root(states_dir, durable=True)
+    return states_dir
 
 
-class TestEnsurePrivate:
-    """The private folder is created with its parents, once."""
+class TestMakeRoot:
+    """The directory is created with its parents, once."""
 
     def test_creates_parents(self, tmp_path: Path) -> None:
         root = tmp_path / "a" / "b"
-        assert _atomic.ensure_private(root, durable=True) == root / PRIVATE
-        assert (root / PRIVATE).is_dir()
+        assert _atomic.make_root(root, durable=True) is True
+        assert root.is_dir()
+        assert os.listdir(root) == []  # nothing of statekeep's own
 
     def test_idempotent(self, states_dir: Path) -> None:
-        first = _atomic.ensure_private(states_dir, durable=False)
-        (first / "keep").write_text("x")
-        assert _atomic.ensure_private(states_dir, durable=False) == first
-        assert (first / "keep").read_text() == "x"
+        _atomic.make_root(states_dir, durable=False)
+        (states_dir / "keep").write_text("x")
+        assert _atomic.make_root(states_dir, durable=False) is False
+        assert (states_dir / "keep").read_text() == "x"
 
     def test_fsync_dir_accepts_a_directory(self, tmp_path: Path) -> None:
         _atomic.fsync_dir(tmp_path)
@@ -52,6 +58,8 @@ class TestWork:
         assert work.path.parent == private
         assert work.path.name.endswith(".work")
         assert work.path.is_dir()
+        assert work.path.name.startswith(_atomic.PREFIX)
+        assert _atomic.is_private(work.path.name)
         assert not list(private.glob("*.pending"))
         work.discard()
         assert not work.path.exists()
@@ -63,7 +71,7 @@ class TestWork:
         work.release()
         work.release()  # idempotent
         assert work.path.exists()
-        assert _atomic.sweep(private.parent) == [work.path]
+        assert _atomic.sweep(private) == [work.path]
 
     def test_entries_are_distinct(self, private: Path) -> None:
         works = [_atomic.Work(private, is_dir=True) for _ in range(20)]
@@ -91,12 +99,12 @@ class TestSweep:
         thread.start()
         try:
             assert held.wait(30)
-            assert _atomic.sweep(private.parent) == []
+            assert _atomic.sweep(private) == []
             assert (box[0].path / "part").read_bytes() == b"half"
         finally:
             done.set()
             thread.join(30)
-        assert _atomic.sweep(private.parent) == [box[0].path]
+        assert _atomic.sweep(private) == [box[0].path]
         assert not box[0].path.exists()
 
     def test_dead_owner_process_is_reclaimed(
@@ -128,27 +136,28 @@ class TestSweep:
         assert not held.exists()
 
     def test_pending_is_kept_while_young_and_reclaimed_when_old(self, private: Path) -> None:
-        young = private / "a.pending"
-        old = private / "b.pending"
+        young = private / ".statekeep-a.pending"
+        old = private / ".statekeep-b.pending"
         young.mkdir()
         old.mkdir()
         past = time.time() - _atomic.PENDING_GRACE - 10
         os.utime(old, (past, past))
-        assert _atomic.sweep(private.parent) == [old]
+        assert _atomic.sweep(private) == [old]
         assert young.exists()
 
     def test_trash_is_reclaimed(self, private: Path) -> None:
-        trash = private / "x.trash"
+        trash = private / ".statekeep-x.trash"
         (trash / "deep").mkdir(parents=True)
         (trash / "deep" / "f").write_bytes(b"1")
-        assert _atomic.sweep(private.parent) == [trash]
+        assert _atomic.sweep(private) == [trash]
         assert not trash.exists()
 
     def test_other_entries_are_left_alone(self, private: Path) -> None:
         (private / "sequence").write_text("3")
-        (private / "notes").mkdir()
-        assert _atomic.sweep(private.parent) == []
-        assert sorted(os.listdir(private)) == ["notes", "sequence"]
+        (private / "notes.work").mkdir()  # not a private name: a user's entry
+        (private / ".statekeep-x.notes").mkdir()  # private, but not a kind of work
+        assert _atomic.sweep(private) == []
+        assert sorted(os.listdir(private)) == [".statekeep-x.notes", "notes.work", "sequence"]
 
     def test_missing_private_folder(self, tmp_path: Path) -> None:
         assert _atomic.sweep(tmp_path / "nowhere") == []
@@ -156,17 +165,17 @@ class TestSweep:
     def test_removal_error_is_logged_and_skipped(
         self, private: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
     ) -> None:
-        (private / "a.trash").mkdir()
-        (private / "b.trash").mkdir()
+        (private / ".statekeep-a.trash").mkdir()
+        (private / ".statekeep-b.trash").mkdir()
 
-        def refuse(path: Path) -> None:
-            if path.name == "a.trash":
+        def refuse(path: str) -> None:
+            if path.endswith("a.trash"):
                 raise PermissionError(13, "Permission denied", str(path))
             os.rmdir(path)
 
         monkeypatch.setattr(_atomic, "remove_tree", refuse)
         with caplog.at_level(logging.WARNING, logger="statekeep"):
-            assert _atomic.sweep(private.parent) == [private / "b.trash"]
+            assert _atomic.sweep(private) == [private / ".statekeep-b.trash"]
         assert "could not reclaim" in caplog.text
         assert "a.trash" in caplog.text
 
@@ -180,7 +189,7 @@ class TestDiscardCommitted:
         (state / "sub" / "f").write_bytes(b"x")
         _atomic.discard_committed(states_dir, state)
         assert not state.exists()
-        assert os.listdir(states_dir / PRIVATE) == []
+        assert os.listdir(states_dir) == []
 
     def test_interrupted_before_delete_leaves_only_trash(
         self, states_dir: Path, monkeypatch: pytest.MonkeyPatch
@@ -197,9 +206,10 @@ class TestDiscardCommitted:
             _atomic.discard_committed(states_dir, state)
         monkeypatch.undo()
         assert not state.exists()  # gone from the listing at once
-        [trash] = os.listdir(states_dir / PRIVATE)
+        [trash] = os.listdir(states_dir)
+        assert trash.startswith(_atomic.PREFIX)
         assert trash.endswith(".trash")
-        assert _atomic.sweep(states_dir) == [states_dir / PRIVATE / trash]
+        assert _atomic.sweep(states_dir) == [states_dir / trash]
 
     def test_missing(self, states_dir: Path) -> None:
         states_dir.mkdir()
@@ -259,7 +269,7 @@ class TestReplaceFile:
         assert final.read_bytes() == b"one"
         _atomic.replace_file(tmp_path, final, [b"two", b"-", b"parts"], durable=durable)
         assert final.read_bytes() == b"two-parts"
-        assert os.listdir(tmp_path / PRIVATE) == []
+        assert os.listdir(tmp_path) == ["f.json"]
 
     def test_failure_mid_write_keeps_the_old_file(self, tmp_path: Path) -> None:
         final = tmp_path / "f.json"
@@ -272,7 +282,7 @@ class TestReplaceFile:
         with pytest.raises(RuntimeError, match="producer failed"):
             _atomic.replace_file(tmp_path, final, chunks(), durable=True)
         assert final.read_bytes() == b"old"
-        assert os.listdir(tmp_path / PRIVATE) == []
+        assert os.listdir(tmp_path) == ["f.json"]
 
 
 class TestWriteAll:
@@ -300,3 +310,83 @@ class TestWriteAll:
         monkeypatch.undo()
         assert (tmp_path / "f").read_bytes() == b"hello world and one chunk"
         assert len(calls) > 6
+
+
+class TestCleanupFailure:
+    """When removing a work entry fails, its fd and lock are released all the same."""
+
+    def refuse(self, path: str | os.PathLike[str]) -> None:
+        raise PermissionError(13, "Permission denied", os.fspath(path))
+
+    def test_discard_without_a_cause_raises_and_releases(
+        self, private: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        before = len(os.listdir("/proc/self/fd"))
+        work = _atomic.Work(private, is_dir=True)
+        monkeypatch.setattr(_atomic, "remove_tree", self.refuse)
+        with pytest.raises(PermissionError):
+            work.discard()
+        monkeypatch.undo()
+        assert work.fd == -1
+        assert len(os.listdir("/proc/self/fd")) == before
+        assert _atomic.sweep(private) == [work.path]  # unlocked: reclaimable at once
+
+    def test_replace_file_keeps_the_original_error(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        before = len(os.listdir("/proc/self/fd"))
+
+        def chunks() -> Iterator[bytes]:
+            yield b"half"
+            raise RuntimeError("the producer failed")
+
+        monkeypatch.setattr(_atomic, "remove_tree", self.refuse)
+        for _ in range(10):
+            with pytest.raises(RuntimeError, match="producer failed") as info:
+                _atomic.replace_file(tmp_path, tmp_path / "f", chunks(), durable=False)
+            assert any("could not remove its work entry" in n for n in info.value.__notes__)
+        monkeypatch.undo()
+        assert len(os.listdir("/proc/self/fd")) == before
+        assert len(_atomic.sweep(tmp_path)) == 10
+        assert os.listdir(tmp_path) == []
+
+
+class TestSymlinks:
+    """Nothing the library deletes or sweeps is reached through a symbolic link."""
+
+    def test_private_entries_that_are_links_are_removed_as_links(
+        self, private: Path, tmp_path: Path
+    ) -> None:
+        victim = tmp_path / "victim"
+        victim.mkdir()
+        (victim / "precious").write_bytes(b"keep")
+        (victim / "a.work").mkdir()
+        for suffix in (".work", ".pending", ".trash"):
+            (private / f".statekeep-link{suffix}").symlink_to(victim)
+        (private / ".statekeep-file.trash").symlink_to(victim / "precious")
+        removed = _atomic.sweep(private)
+        assert len(removed) == 4
+        assert os.listdir(private) == []
+        assert sorted(os.listdir(victim)) == ["a.work", "precious"]
+        assert (victim / "precious").read_bytes() == b"keep"
+
+    def test_a_link_inside_trash_is_not_followed(self, private: Path, tmp_path: Path) -> None:
+        victim = tmp_path / "victim"
+        victim.mkdir()
+        (victim / "precious").write_bytes(b"keep")
+        trash = private / ".statekeep-x.trash"
+        (trash / "sub").mkdir(parents=True)
+        (trash / "sub" / "link").symlink_to(victim)
+        assert _atomic.sweep(private) == [trash]
+        assert (victim / "precious").read_bytes() == b"keep"
+
+    def test_discarding_a_committed_link_removes_only_the_link(
+        self, private: Path, tmp_path: Path
+    ) -> None:
+        victim = tmp_path / "victim"
+        victim.mkdir()
+        (victim / "precious").write_bytes(b"keep")
+        (private / "a.state").symlink_to(victim)
+        _atomic.discard_committed(private, private / "a.state")
+        assert os.listdir(private) == []
+        assert (victim / "precious").read_bytes() == b"keep"

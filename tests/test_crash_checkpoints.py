@@ -66,8 +66,13 @@ def campaign(
                     break
             assert os.WIFSIGNALED(status), f"child {pid} was not killed: status {status}"
             assert last >= base
-            private = path / _atomic.PRIVATE_DIR
-            if backend == "file" and any(p.suffix == ".work" for p in private.iterdir()):
+            private = path  # work entries live in the directory itself, privately named
+            work = (
+                [p for p in private.iterdir() if _atomic.is_private(p.name)]
+                if backend == "file"
+                else []
+            )
+            if any(p.suffix == ".work" for p in work):
                 mid_write += 1
             with open_storage(backend, str(path)) as storage:
                 gen = check_value(storage.load(SESSION))
@@ -76,7 +81,11 @@ def campaign(
             assert gen < base + 1_000_000, f"round {round_}: gen {gen} from a later round?"
             assert info.metadata == {"gen": gen}, "metadata and data come from different saves"
             if backend == "file":
-                stale = [p.name for p in private.iterdir() if p.name.endswith(".work")]
+                stale = [
+                    p.name
+                    for p in private.iterdir()
+                    if _atomic.is_private(p.name) and p.name.endswith(".work")
+                ]
                 assert stale == [], f"a killed save's temp file was not reclaimed: {stale}"
             reported.append(last - base + 1)
         zygote.stdin.write("quit\n")

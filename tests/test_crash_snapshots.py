@@ -93,23 +93,22 @@ class Campaign:
         )
 
 
-def _debris(private: Path) -> list[str]:
-    return [n for n in os.listdir(private) if n.endswith((".work", ".pending", ".trash"))]
+def _debris(states_dir: Path) -> list[str]:
+    return [n for n in os.listdir(states_dir) if _atomic.is_private(n)]
 
 
 def check_after_kill(states_dir: Path, saved: list[tuple[int, Path]], run: Campaign) -> None:
     """Check the store after one kill; append what is wrong to ``run.failures``."""
-    private = states_dir / _atomic.PRIVATE_DIR
-    before = _debris(private)
+    before = _debris(states_dir)
     if any(n.endswith(".work") for n in before):
         run.mid_save += 1
     store = StateStore(states_dir)  # a new store sweeps what the killed save left
-    after = _debris(private)
+    after = _debris(states_dir)
     run.reclaimed += len(set(before) - set(after))
     if [n for n in after if not n.endswith(".pending")]:
         run.failures.append(f"kill {run.kills}: debris not reclaimed: {after}")
     listed = store.list_states()
-    on_disk = {p for p in states_dir.iterdir() if p.name != _atomic.PRIVATE_DIR}
+    on_disk = {p for p in states_dir.iterdir() if not _atomic.is_private(p.name)}
     if {s.path for s in listed} != on_disk:
         run.failures.append(
             f"kill {run.kills}: unlisted entries {sorted(on_disk - {s.path for s in listed})}"
@@ -160,7 +159,7 @@ def run_campaign(
                 durable = k % 2
                 proc.stdin.write(f"go {base} {rng.randrange(1 << 32)} {durable}\n".encode())
                 kind, pid_text = reader.line().split()
-                assert kind == "pid", kind
+                assert kind == "pid", kind  # the zygote's protocol: the pid line comes first
                 pid = int(pid_text)
                 # Mostly inside the first save or two; sometimes late, after several saves.
                 dice = rng.random()
@@ -202,7 +201,9 @@ def assert_campaign(
     # ``.pending`` leftovers (a kill inside the first microseconds of a save) go once old.
     monkeypatch.setattr(_atomic, "PENDING_GRACE", 0.0)
     _atomic.sweep(states_dir)
-    assert os.listdir(states_dir / _atomic.PRIVATE_DIR) == ["sequence"]
+    # Nothing of statekeep's own is left in the directory: only committed states.
+    assert _debris(states_dir) == []
+    assert all(_manifest.read_manifest(p).sequence > 0 for p in states_dir.iterdir())
 
 
 class TestKillDuringSave:

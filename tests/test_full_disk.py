@@ -87,7 +87,7 @@ class Blob(PersistentStateMixin):
 
 
 def private_entries(root: Path) -> list[str]:
-    return sorted(p.name for p in (root / _atomic.PRIVATE_DIR).iterdir() if p.name != "sequence")
+    return sorted(n for n in os.listdir(root) if _atomic.is_private(n))
 
 
 class TestSnapshotsOnAFullDisk:
@@ -206,7 +206,7 @@ class TestFileSizeLimit:
         leftovers = [
             p.name
             for root in (tmp_path / "states", tmp_path / "ckpt")
-            for p in (root / _atomic.PRIVATE_DIR).iterdir()
-            if p.name != "sequence"
+            for p in root.iterdir()
+            if _atomic.is_private(p.name)
         ]
         assert leftovers == []

@@ -70,7 +70,7 @@ def legacy(states_dir: Path, name: str, mtime: float) -> Path:
 
 
 def names(states_dir: Path) -> list[str]:
-    return sorted(n for n in os.listdir(states_dir) if n != _atomic.PRIVATE_DIR)
+    return sorted(n for n in os.listdir(states_dir) if not _atomic.is_private(n))
 
 
 class TestInit:
@@ -105,7 +105,7 @@ class TestCleanup:
         keeper = LatestStatesKeeper(states_dir, max_keep=2)
         assert keeper.cleanup() == [states_dir / "z.state", states_dir / "y.state"]
         assert names(states_dir) == ["w.state", "x.state"]
-        assert os.listdir(states_dir / _atomic.PRIVATE_DIR) == ["sequence"]
+        assert sorted(os.listdir(states_dir)) == ["w.state", "x.state"]  # nothing private
 
     def test_legacy_directories_by_mtime(self, states_dir: Path) -> None:
         now = time.time()
@@ -187,11 +187,12 @@ class TestCleanup:
         assert names(states_dir) == ["17.state", "18.state", "19.state"]
 
     def test_a_pass_reclaims_dead_saves_but_not_live_ones(self, states_dir: Path) -> None:
-        private = _atomic.ensure_private(states_dir, durable=False)
-        dead = private / "0123456789abcdef.work"  # a killed save: nobody holds its lock
+        _atomic.make_root(states_dir, durable=False)
+        private = states_dir
+        dead = private / ".statekeep-0123456789abcdef.work"  # a killed save: nobody holds its lock
         dead.mkdir()
         (dead / "model.pt").write_bytes(b"half")
-        trash = private / "fedcba9876543210.trash"  # an interrupted removal
+        trash = private / ".statekeep-fedcba9876543210.trash"  # an interrupted removal
         trash.mkdir()
         live = _atomic.Work(private, is_dir=True)  # a save still running
         try:
@@ -323,7 +324,7 @@ class TestSaveInProgress:
         keeper = ObservedKeeper(states_dir, max_keep=1, cleanup_interval=0)
         try:
             assert slow.entered.wait(30)
-            [build] = (states_dir / _atomic.PRIVATE_DIR).glob("*.work")
+            [build] = states_dir.glob(".statekeep-*.work")
             assert keeper.cleanup() == []
             keeper.start()
             assert keeper.wait_passes(5)
@@ -411,4 +412,4 @@ class TestConcurrentSavesWhilePruning:
             assert check_state(path) == reported[path]
         assert len(remaining) == 2
         StateStore(states_dir)
-        assert os.listdir(states_dir / _atomic.PRIVATE_DIR) == ["sequence"]
+        assert [n for n in os.listdir(states_dir) if _atomic.is_private(n)] == []

@@ -96,8 +96,7 @@ class TestFileFormat:
         for key in AWKWARD_IDS:
             storage.save(key, {"key": key})
         inside = sorted(p.name for p in storage.checkpoint_dir.iterdir())
-        assert inside == sorted([PRIVATE_DIR] + [file_name(key) for key in AWKWARD_IDS])
-        assert os.listdir(storage.checkpoint_dir / PRIVATE_DIR) == []
+        assert inside == sorted(file_name(key) for key in AWKWARD_IDS)  # nothing private
         outside = {p for p in tmp_path.rglob("*") if storage.checkpoint_dir not in p.parents}
         assert outside == {storage.checkpoint_dir}
 
@@ -316,7 +315,7 @@ class TestErrorsAndLifecycle:
         with pytest.raises(StorageError) as caught:
             storage.save("blocked", {"x": 1})
         assert isinstance(caught.value.__cause__, OSError)
-        assert os.listdir(storage.checkpoint_dir / PRIVATE_DIR) == []
+        assert os.listdir(storage.checkpoint_dir) == ["blocked.ckpt"]
 
     def test_a_file_as_checkpoint_dir_is_a_storage_error(self, tmp_path: Path) -> None:
         (tmp_path / "file").write_text("x")
@@ -325,11 +324,12 @@ class TestErrorsAndLifecycle:
         assert isinstance(caught.value.__cause__, FileExistsError | NotADirectoryError)
 
     def test_opening_reclaims_what_a_killed_save_left(self, tmp_path: Path) -> None:
-        private = tmp_path / "ckpt" / PRIVATE_DIR
-        private.mkdir(parents=True)
-        (private / "0123456789abcdef.work").write_bytes(b"half a checkpoint")
+        legacy = tmp_path / "ckpt" / PRIVATE_DIR  # where an older statekeep put its work
+        legacy.mkdir(parents=True)
+        (legacy / "0123456789abcdef.work").write_bytes(b"half a checkpoint")
+        (tmp_path / "ckpt" / ".statekeep-0123456789abcdef0.work").write_bytes(b"half another")
         with FileCheckpointStorage(tmp_path / "ckpt") as storage:
-            assert os.listdir(private) == []
+            assert os.listdir(tmp_path / "ckpt") == []
             assert storage.list_checkpoints() == []
 
     def test_calls_after_close_raise_value_error(self, tmp_path: Path) -> None:
@@ -362,4 +362,4 @@ class TestProcesses:
         with FileCheckpointStorage(tmp_path / "ckpt") as storage:
             gen = check_value(storage.load("shared"))
         assert gen % 1_000_000 == count - 1
-        assert os.listdir(tmp_path / "ckpt" / PRIVATE_DIR) == []
+        assert os.listdir(tmp_path / "ckpt") == ["shared.ckpt"]

@@ -77,7 +77,7 @@ def make_store(states_dir: Path, **kw: object) -> tuple[StateStore, Value, Folde
 
 
 def private_entries(states_dir: Path) -> list[str]:
-    return sorted(n for n in os.listdir(states_dir / _atomic.PRIVATE_DIR) if n != "sequence")
+    return sorted(n for n in os.listdir(states_dir) if _atomic.is_private(n))
 
 
 class TestRegister:
@@ -127,7 +127,7 @@ class TestSave:
 
     def test_creates_states_dir_with_parents(self, tmp_path: Path) -> None:
         StateStore(tmp_path / "a" / "b")
-        assert (tmp_path / "a" / "b" / _atomic.PRIVATE_DIR).is_dir()
+        assert os.listdir(tmp_path / "a" / "b") == []  # created, and holds only states
 
     @pytest.mark.parametrize("durable", [True, False])
     def test_round_trip(self, states_dir: Path, durable: bool) -> None:
@@ -158,7 +158,7 @@ class TestSave:
 
             def save_state(self, path: Path) -> None:
                 seen.append((self.name, path))
-                assert os.listdir(states_dir) == [_atomic.PRIVATE_DIR]  # nothing visible yet
+                assert os.listdir(states_dir) == [path.parent.name]  # only the private build
                 path.write_text(self.name)
 
         store = StateStore(states_dir)
@@ -167,7 +167,8 @@ class TestSave:
         final = store.save_state()
         assert [name for name, _ in seen] == ["c", "a", "b"]
         build = seen[0][1].parent
-        assert build.parent == states_dir / _atomic.PRIVATE_DIR
+        assert build.parent == states_dir
+        assert _atomic.is_private(build.name)
         assert build.name.endswith(".work")
         assert all(path.parent == build for _, path in seen)
         assert (final / "a").read_text() == "a"
@@ -189,8 +190,7 @@ class TestSave:
         store.register("broken", Broken())
         with pytest.raises(OSError, match="No space left"):
             store.save_state()
-        assert os.listdir(states_dir) == [_atomic.PRIVATE_DIR]
-        assert private_entries(states_dir) == []
+        assert os.listdir(states_dir) == []
 
     @pytest.mark.parametrize("fmt", ["a/%f.state", "", "..", ".statekeep%f"])
     def test_bad_name_format(self, states_dir: Path, fmt: str) -> None:
@@ -306,7 +306,7 @@ class TestListing:
         path = store.save_state()
         (states_dir / "notes.state").write_text("a file")
         (states_dir / "legacy.state").mkdir()
-        (states_dir / _atomic.PRIVATE_DIR / "x.work").mkdir()
+        (states_dir / ".statekeep-x.work").mkdir()
         assert [i.path for i in store.list_states()] == [path]
         assert store.latest_state() == path
 
@@ -395,16 +395,16 @@ class TestSweepOnOpen:
 
     def test_reclaims_dead_work(self, states_dir: Path) -> None:
         StateStore(states_dir)
-        private = states_dir / _atomic.PRIVATE_DIR
-        (private / "dead.work").mkdir()
-        (private / "dead.work" / "half").write_bytes(b"x")
-        (private / "gone.trash").mkdir()
+        private = states_dir
+        (private / ".statekeep-dead.work").mkdir()
+        (private / ".statekeep-dead.work" / "half").write_bytes(b"x")
+        (private / ".statekeep-gone.trash").mkdir()
         StateStore(states_dir)
         assert private_entries(states_dir) == []
 
     def test_keeps_live_work(self, states_dir: Path) -> None:
-        private = _atomic.ensure_private(states_dir, durable=False)
-        work = _atomic.Work(private, is_dir=True)
+        _atomic.make_root(states_dir, durable=False)
+        work = _atomic.Work(states_dir, is_dir=True)
         try:
             StateStore(states_dir)
             assert work.path.is_dir()

@@ -1,44 +1,55 @@
-"""The one place that commits to disk: build privately, fsync, manifest, rename.
+"""The one place that commits to disk: build privately, fsync, rename into place.
 
-Everything statekeep writes goes through here. Work in progress lives in a private
-folder (:data:`PRIVATE_DIR`) inside the target directory, so the final rename stays on
-one filesystem and is atomic. Each piece of work is an entry of that folder that its
-owner holds an ``flock`` on for as long as it runs; :func:`sweep` reclaims entries
-whose owner died (the lock is free) and never touches one that is still running.
+Everything statekeep writes goes through here. Work in progress lives in the target
+directory itself, as entries whose names start with :data:`PREFIX` (``.statekeep-``),
+so the final rename stays on one filesystem and is atomic, and nothing is ever written
+outside the directory. Such an entry exists only while a save runs (or until the next
+sweep, when its owner was killed): whenever no save is running, the directory holds
+nothing but what was committed. :func:`is_private` names those entries; every scanner
+skips them.
 
-An entry is born as ``<token>.pending``, locked, then renamed to ``<token>.work``:
-the rename closes the window in which a sweeper could lock a fresh entry before its
-owner does. A ``.pending`` leftover (the owner died inside that window) is reclaimed
-once it is older than :data:`PENDING_GRACE` seconds.
+Each piece of work is an entry that its owner holds an ``flock`` on for as long as it
+runs; :func:`sweep` reclaims entries whose owner died (the lock is free) and never
+touches one that is still running. An entry is born as ``.statekeep-<token>.pending``,
+locked, then renamed to ``.statekeep-<token>.work``: the rename closes the window in
+which a sweeper could lock a fresh entry before its owner does. A ``.pending`` leftover
+(the owner died inside that window) is reclaimed once it is older than
+:data:`PENDING_GRACE` seconds.
+
+Nothing here follows a symbolic link for what it deletes: a private entry that is a
+link is removed as a link.
+
+POSIX only (Linux, macOS): ``flock``, ``O_DIRECTORY`` and directory fsync are relied on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import fcntl
 import itertools
 import logging
 import os
 import secrets
-import shutil
+import stat
+import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
-try:
-    import fcntl as fcntl  # explicit re-export: _manifest locks the sequence file with it
-except ImportError:  # pragma: no cover - Windows has no flock; sweeping falls back to age
-    fcntl = None  # type: ignore[assignment]
-
-from statekeep.errors import StateExistsError
+from statekeep.errors import StateExistsError, StorageError
 
 logger = logging.getLogger("statekeep")
 
-PRIVATE_DIR = ".statekeep"
+PRIVATE_DIR = ".statekeep"  # every private name starts so; also the folder of old stores
+PREFIX = ".statekeep-"  # the prefix of a work entry's name
 PENDING_GRACE = 60.0
+_SUFFIXES = (".work", ".pending", ".trash")
 
-_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _RENAME_NOREPLACE = 1
+_F_FULLFSYNC = getattr(fcntl, "F_FULLFSYNC", None)  # macOS: fsync does not reach the disk
+_O_NOFOLLOW = os.O_NOFOLLOW
 
 
 def is_private(name: str) -> bool:
@@ -46,28 +57,49 @@ def is_private(name: str) -> bool:
     return name.startswith(PRIVATE_DIR)
 
 
+def full_fsync(fd: int) -> None:
+    """Flush ``fd`` (a file or a directory) to stable storage.
+
+    ``fcntl(F_FULLFSYNC)`` on macOS, where plain ``fsync`` leaves the data in the
+    drive's cache; ``fsync`` elsewhere (and where the filesystem refuses F_FULLFSYNC).
+    """
+    if _F_FULLFSYNC is not None:
+        try:
+            fcntl.fcntl(fd, _F_FULLFSYNC)
+            return
+        except OSError:  # pragma: no cover - macOS filesystems without it
+            pass
+    os.fsync(fd)
+
+
 def fsync_dir(path: str | os.PathLike[str]) -> None:
     """Make the entries of directory ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | _O_DIRECTORY)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(fd)
+        full_fsync(fd)
     finally:
         os.close(fd)
 
 
-def ensure_private(root: Path, *, durable: bool) -> Path:
-    """Create ``root`` and its private folder if needed; return the folder."""
-    private = root / PRIVATE_DIR
-    if private.is_dir():
-        return private
-    root.mkdir(parents=True, exist_ok=True)
-    try:
-        private.mkdir()
-    except FileExistsError:
-        return private
+def make_root(root: str | os.PathLike[str], *, durable: bool) -> bool:
+    """Create directory ``root`` (and its parents) if missing; True if it was made.
+
+    With ``durable``, the parent of every directory created is fsynced, so the new
+    directory's name survives power loss along with what is later committed in it.
+    """
+    path = Path(root)
+    if path.is_dir():
+        return False
+    missing = []
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    path.mkdir(parents=True, exist_ok=True)
     if durable:
-        fsync_dir(root)
-    return private
+        for made in reversed(missing):
+            fsync_dir(made.parent)
+    return bool(missing)
 
 
 _token_pid = -1
@@ -76,7 +108,7 @@ _token_count = itertools.count()
 
 
 def _token() -> str:
-    """A name unique among this folder's entries: per-process random prefix + a counter.
+    """A name unique among the directory's entries: per-process random prefix + a counter.
 
     One ``getrandom`` per process rather than per entry; a forked child draws its own
     prefix. A clash is still impossible to miss: entries are created with ``O_EXCL``.
@@ -88,8 +120,16 @@ def _token() -> str:
     return f"{_token_prefix}{next(_token_count):x}"
 
 
+def add_note(error: BaseException, note: str) -> None:
+    """Attach ``note`` to ``error`` (``add_note`` on Python >= 3.11, else a log line)."""
+    if sys.version_info >= (3, 11):
+        error.add_note(note)
+    else:  # pragma: no cover - Python 3.10
+        logger.warning("statekeep: %s (while handling %r)", note, error)
+
+
 class Work:
-    """A locked entry of the private folder: a build directory or a temp file.
+    """A locked work entry of a directory: a build directory or a temp file.
 
     The entry stays locked until :meth:`release`; after a crash the kernel drops
     the lock and the next :func:`sweep` reclaims the entry.
@@ -97,17 +137,16 @@ class Work:
 
     __slots__ = ("fd", "spath")
 
-    def __init__(self, private: str | os.PathLike[str], *, is_dir: bool) -> None:
-        base = f"{private}/{_token()}"  # str paths: pathlib costs here add up
+    def __init__(self, root: str | os.PathLike[str], *, is_dir: bool) -> None:
+        base = f"{root}/{PREFIX}{_token()}"  # str paths: pathlib costs here add up
         pending = f"{base}.pending"
         if is_dir:
             os.mkdir(pending)
-            fd = os.open(pending, os.O_RDONLY | _O_DIRECTORY)
+            fd = os.open(pending, os.O_RDONLY | os.O_DIRECTORY | _O_NOFOLLOW)
         else:
-            fd = os.open(pending, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(pending, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW, 0o644)
         try:
-            if fcntl is not None:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             work = f"{base}.work"
             os.rename(pending, work)
         except BaseException:
@@ -125,43 +164,110 @@ class Work:
     def release(self) -> None:
         """Drop the lock (after the entry was renamed into place or removed)."""
         if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+            fd, self.fd = self.fd, -1
+            os.close(fd)
 
-    def discard(self) -> None:
-        """Remove the entry, then drop the lock."""
-        remove_tree(self.spath)
-        self.release()
+    def discard(self, cause: BaseException | None = None) -> None:
+        """Remove the entry, then drop the lock (always, even if the removal fails).
+
+        ``cause`` is the error that made the work fail: when removing the entry fails
+        too, that failure is attached to ``cause`` as a note (the caller re-raises
+        ``cause``) instead of being raised; the entry, unlocked, goes at the next sweep.
+        """
+        try:
+            remove_tree(self.spath)
+        except OSError as exc:
+            if cause is None:
+                raise
+            add_note(cause, f"statekeep could not remove its work entry {self.spath}: {exc!r}")
+        finally:
+            self.release()
 
 
 def new_work(root: str | os.PathLike[str], *, is_dir: bool, durable: bool) -> tuple[Work, bool]:
-    """A locked work entry in ``root``'s private folder, and whether the folder was made.
+    """A locked work entry in directory ``root``, and whether ``root`` had to be made.
 
-    The folder usually exists, so it is not checked first: only when creating the entry
-    fails for want of it is the folder (re)created, and the entry created again.
+    ``root`` usually exists, so it is not checked first: only when creating the entry
+    fails for want of it is ``root`` (re)created, and the entry created again.
     """
     try:
-        return Work(f"{root}/{PRIVATE_DIR}", is_dir=is_dir), False
-    except FileNotFoundError:  # first use, or someone removed the folder
-        return Work(ensure_private(Path(root), durable=durable), is_dir=is_dir), True
+        return Work(root, is_dir=is_dir), False
+    except FileNotFoundError:  # first use, or someone removed the directory
+        make_root(root, durable=durable)
+        return Work(root, is_dir=is_dir), True
 
 
 def remove_tree(path: str | os.PathLike[str]) -> None:
-    """Remove a file or a directory tree; a path that is already gone is fine."""
+    """Remove a file, a link or a directory tree; a path that is already gone is fine.
+
+    A symbolic link is removed as a link, never followed, wherever it is met. The walk
+    is iterative and holds one descriptor at a time, so a tree of any depth goes.
+    """
     try:
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            _remove_dir_tree(os.fspath(path))
         else:
             os.unlink(path)
     except FileNotFoundError:
         pass
 
 
-def _owner_is_gone(path: Path) -> bool:
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | _O_NOFOLLOW
+
+
+def _dir_id(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _remove_dir_tree(path: str) -> None:
+    """Empty and remove directory ``path``, descending by ``openat(O_NOFOLLOW)``.
+
+    Going back up opens ``..`` (never a link) and checks it is the directory that was
+    come down from, so a tree moved meanwhile stops the removal instead of steering it.
+    """
+    fd = os.open(path, _DIR_FLAGS)
+    names: list[str] = []  # the way down from ``path``
+    ids = [_dir_id(fd)]
+    try:
+        while True:
+            child = None
+            with os.scandir(fd) as it:
+                for entry in it:
+                    if entry.is_dir(follow_symlinks=False):
+                        child = entry.name
+                        break
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.name, dir_fd=fd)
+            if child is not None:
+                try:
+                    sub = os.open(child, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    continue
+                os.close(fd)
+                fd = sub
+                names.append(child)
+                ids.append(_dir_id(fd))
+                continue
+            if not names:
+                break
+            up = os.open("..", _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = up
+            name = names.pop()
+            ids.pop()
+            if _dir_id(fd) != ids[-1]:
+                raise OSError(errno.ESTALE, f"{path} was moved while it was being removed", path)
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(name, dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(path)
+
+
+def _owner_is_gone(path: str) -> bool:
     """Lock ``path`` without waiting; True (lock taken, then closed) if nobody held it."""
-    if fcntl is None:  # pragma: no cover
-        return time.time() - path.stat().st_mtime > PENDING_GRACE
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | os.O_NONBLOCK)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -171,49 +277,93 @@ def _owner_is_gone(path: Path) -> bool:
     return True
 
 
-def sweep(root: Path) -> list[Path]:
-    """Reclaim what killed saves and interrupted removals left in ``root``'s private folder.
+def _reclaimable(entry: os.DirEntry[str], now: float) -> bool:
+    """Whether the private entry ``entry`` is debris (its owner is gone)."""
+    if entry.is_symlink():
+        return True  # never ours to follow: the link itself goes
+    if entry.name.endswith(".work"):
+        return _owner_is_gone(entry.path)
+    if entry.name.endswith(".pending"):
+        return now - entry.stat(follow_symlinks=False).st_mtime >= PENDING_GRACE
+    return True  # .trash
 
-    Returns the entries removed. Work whose owner is alive is left alone.
-    """
-    private = root / PRIVATE_DIR
-    removed: list[Path] = []
-    try:
-        entries = list(os.scandir(private))
-    except FileNotFoundError:
-        return removed
-    now = time.time()
+
+def _sweep_entries(directory: str, now: float, removed: list[Path], *, legacy: bool) -> None:
+    with os.scandir(directory) as it:
+        entries = [e for e in it if (legacy or is_private(e.name)) and e.name.endswith(_SUFFIXES)]
     for entry in entries:
-        path = Path(entry.path)
         try:
-            if entry.name.endswith(".work"):
-                if not _owner_is_gone(path):
-                    continue
-            elif entry.name.endswith(".pending"):
-                if now - entry.stat(follow_symlinks=False).st_mtime < PENDING_GRACE:
-                    continue
-            elif not entry.name.endswith(".trash"):
+            if not _reclaimable(entry, now):
                 continue
-            remove_tree(path)
+            remove_tree(entry.path)
         except FileNotFoundError:
             continue  # another sweeper got there first
         except OSError as exc:
-            logger.warning("statekeep: could not reclaim %s: %s", path, exc)
+            logger.warning("statekeep: could not reclaim %s: %s", entry.path, exc)
             continue
-        logger.info("statekeep: reclaimed %s", path)
-        removed.append(path)
+        logger.info("statekeep: reclaimed %s", entry.path)
+        removed.append(Path(entry.path))
+
+
+def _migrate_legacy(root: Path, now: float, removed: list[Path]) -> None:
+    """Retire the ``.statekeep/`` folder of a store written by an older statekeep.
+
+    Its counter is carried over to the directory's own, its debris reclaimed, and the
+    folder removed once empty (a live save of an old process still inside keeps it).
+    """
+    legacy = root / PRIVATE_DIR
+    try:
+        mode = os.lstat(legacy).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(mode):  # a link or a file where the folder was: remove it as such
+        os.unlink(legacy)
+        removed.append(legacy)
+        return
+    from statekeep import _sequence  # _sequence builds on this module
+
+    _sequence.carry_over(root, legacy / "sequence")
+    _sweep_entries(str(legacy), now, removed, legacy=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(legacy / "sequence")
+    try:
+        os.rmdir(legacy)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        logger.warning("statekeep: could not remove the old private folder %s: %s", legacy, exc)
+        return
+    logger.info("statekeep: removed the private folder %s of an older statekeep", legacy)
+    removed.append(legacy)
+
+
+def sweep(root: Path) -> list[Path]:
+    """Reclaim what killed saves and interrupted removals left in directory ``root``.
+
+    Returns the entries removed. Work whose owner is alive is left alone. A directory
+    from an older statekeep has its ``.statekeep/`` folder migrated and removed.
+    """
+    removed: list[Path] = []
+    now = time.time()
+    try:
+        _sweep_entries(str(root), now, removed, legacy=False)
+    except FileNotFoundError:
+        return removed
+    try:
+        _migrate_legacy(Path(root), now, removed)
+    except OSError as exc:
+        logger.warning("statekeep: could not migrate %s/%s: %s", root, PRIVATE_DIR, exc)
     return removed
 
 
 def discard_committed(root: Path, path: Path) -> None:
     """Remove a committed entry of ``root`` crash-safely.
 
-    The entry is first renamed into the private folder, which takes it out of every
+    The entry is first renamed to a private ``.trash`` name, which takes it out of every
     listing at once; only then is it deleted. A crash in between leaves a ``.trash``
     entry that the next sweep removes.
     """
-    private = ensure_private(root, durable=False)
-    trash = private / f"{secrets.token_hex(8)}.trash"
+    trash = f"{root}/{PREFIX}{_token()}.trash"
     os.rename(path, trash)
     remove_tree(trash)
 
@@ -222,7 +372,7 @@ def _load_renameat2() -> object | None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         func = libc.renameat2
-    except (OSError, AttributeError):  # pragma: no cover - not glibc
+    except (OSError, AttributeError):  # pragma: no cover - not glibc (macOS)
         return None
     func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     func.restype = ctypes.c_int
@@ -275,11 +425,6 @@ def write_all(fd: int, chunks: Iterable[bytes | memoryview]) -> None:
         return
     it = iter(chunks)
     while batch := [memoryview(c) for c in itertools.islice(it, 64)]:
-        if not hasattr(os, "writev"):  # pragma: no cover - Windows
-            batch = [memoryview(b"".join(batch))]
-            while batch[0]:
-                batch[0] = batch[0][os.write(fd, batch[0]) :]
-            continue
         while batch:
             done = os.writev(fd, batch)
             while batch and done >= len(batch[0]):
@@ -288,21 +433,44 @@ def write_all(fd: int, chunks: Iterable[bytes | memoryview]) -> None:
                 batch[0] = batch[0][done:]
 
 
+def sync_parent_after_commit(final: str | os.PathLike[str], what: str) -> None:
+    """fsync the directory that names ``final``, which was just renamed into place.
+
+    Raises:
+        StorageError: the fsync failed. The rename has happened, so ``final`` is
+            committed (visible, complete); only its durability across power loss is
+            unknown. The message says exactly that.
+    """
+    parent = os.path.dirname(os.fspath(final)) or "."
+    try:
+        fsync_dir(parent)
+    except OSError as exc:
+        raise StorageError(
+            exc.errno,
+            f"{what} {os.fspath(final)} is committed, but syncing its directory {parent}"
+            f" failed ({exc.strerror or exc}): whether it survives a power loss is unknown",
+        ) from exc
+
+
 def replace_file(root: Path, final: Path, chunks: Iterable[bytes], *, durable: bool) -> None:
     """Atomically replace ``final`` (inside ``root``) with the concatenated ``chunks``.
 
     Readers see the old file or the new one, never a mix; with ``durable`` the new one
     survives power loss once this returns.
+
+    Raises:
+        StorageError: with ``durable``, the file was replaced but syncing its directory
+            afterwards failed (the message says so).
     """
     work, _ = new_work(root, is_dir=False, durable=durable)
     try:
         write_all(work.fd, chunks)
         if durable:
-            os.fsync(work.fd)
+            full_fsync(work.fd)
         os.rename(work.spath, final)
-    except BaseException:
-        work.discard()
+    except BaseException as exc:
+        work.discard(exc)
         raise
     work.release()
     if durable:
-        fsync_dir(final.parent)
+        sync_parent_after_commit(final, "file")

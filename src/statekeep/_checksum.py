@@ -10,6 +10,8 @@ import os
 import threading
 import zlib
 
+from statekeep._atomic import full_fsync
+
 FIRST = 64 << 10  # the first read: all of a small file
 CHUNK = 1 << 20  # later reads, into one reused buffer small enough to stay in cache
 _SEQUENTIAL = getattr(os, "POSIX_FADV_SEQUENTIAL", None)  # absent on macOS
@@ -24,14 +26,14 @@ def checksum_file(path: str, *, sync: bool, expect: int = 0) -> tuple[int, int]:
     ``expect`` is the size the caller expects (verification knows it from the manifest):
     when it is large, the read-ahead hint goes out before the first read, not after.
     """
-    fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW)
+    fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | os.O_NONBLOCK)  # never wait on a FIFO
     try:
         if expect >= FIRST and _SEQUENTIAL is not None:
             os.posix_fadvise(fd, 0, 0, _SEQUENTIAL)
         head = os.read(fd, FIRST)
         if len(head) < FIRST:
             if sync:
-                os.fsync(fd)
+                full_fsync(fd)
             return len(head), zlib.crc32(head)
         return _checksum_rest(fd, head, sync=sync)
     finally:
@@ -46,7 +48,7 @@ def _checksum_rest(fd: int, head: bytes, *, sync: bool) -> tuple[int, int]:
         # fsync and crc32 both release the GIL: overlap the disk flush with the read.
         def flush() -> None:
             try:
-                os.fsync(fd)
+                full_fsync(fd)
             except BaseException as exc:  # pragma: no cover - surfaced below
                 errors.append(exc)
 
@@ -73,7 +75,7 @@ def _checksum_rest(fd: int, head: bytes, *, sync: bool) -> tuple[int, int]:
         if errors:
             raise errors[0]
     elif sync:
-        os.fsync(fd)
+        full_fsync(fd)
     return read, crc
 
 
@@ -90,15 +92,25 @@ def read_all(path: str) -> bytes:
 
 
 def scan(root: str, rel: str = "") -> list[tuple[str, os.DirEntry[str]]]:
-    """List every entry below ``root`` (relative path, DirEntry), parents first, by name."""
+    """List every entry below ``root`` (relative path, DirEntry), parents first, by name.
+
+    Walks with an explicit stack, not recursion: a tree of any depth can be scanned.
+    """
     found: list[tuple[str, os.DirEntry[str]]] = []
-    with os.scandir(f"{root}/{rel}" if rel else root) as it:
-        entries = sorted(it, key=_name)
-    for entry in entries:
-        relpath = f"{rel}/{entry.name}" if rel else entry.name
+    stack: list[tuple[str, os.DirEntry[str]]] = []
+
+    def push(rel: str) -> None:
+        with os.scandir(f"{root}/{rel}" if rel else root) as it:
+            entries = sorted(it, key=_name)
+        for entry in reversed(entries):
+            stack.append((f"{rel}/{entry.name}" if rel else entry.name, entry))
+
+    push(rel)
+    while stack:
+        relpath, entry = stack.pop()
         found.append((relpath, entry))
         if entry.is_dir(follow_symlinks=False):
-            found.extend(scan(root, relpath))
+            push(relpath)
     return found
 
 

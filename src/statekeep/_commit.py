@@ -1,27 +1,36 @@
 """Committing a directory: build privately, checksum and fsync, seal, rename into place.
 
 The one path by which a snapshot becomes visible. A :class:`BuildDir` is a locked work
-entry of the private folder (see :mod:`statekeep._atomic`); :meth:`BuildDir.commit`
-checksums (and with ``durable`` fsyncs) everything in it, writes the manifest last,
-and renames it to its final name, never over an existing one.
+entry of the target directory itself (``.statekeep-<token>.work``, see
+:mod:`statekeep._atomic`); :meth:`BuildDir.commit` checksums (and with ``durable``
+fsyncs) everything in it, takes the directory's next commit sequence, writes the
+manifest last, and renames the build to its final name, never over an existing one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from statekeep import _atomic, _checksum
-from statekeep._manifest import MANIFEST_NAME, Entry, Manifest
-from statekeep._sequence import SequenceCounter, next_sequence
+from statekeep._manifest import MANIFEST_NAME, Entry, Manifest, check_metadata
+from statekeep._sequence import SequenceCounter
 
-__all__ = ["BuildDir", "build_manifest"]
+__all__ = ["BuildDir", "build_manifest", "scan_entries"]
 
 
-def build_manifest(directory: str | Path, *, sequence: int, durable: bool) -> Manifest:
-    """Checksum (and with ``durable`` fsync) everything below ``directory``."""
+def scan_entries(directory: str | Path, *, durable: bool) -> tuple[Entry, ...]:
+    """Checksum (and with ``durable`` fsync) everything below ``directory``.
+
+    Raises:
+        ValueError: something below ``directory`` is neither a regular file nor a
+            directory (a link, a FIFO, a device); the message names it.
+    """
     root = str(directory)
     entries: list[Entry] = []
     for relpath, entry in _checksum.scan(root):
@@ -37,20 +46,26 @@ def build_manifest(directory: str | Path, *, sequence: int, durable: bool) -> Ma
                 f"{entry.path} is neither a regular file nor a directory;"
                 " a state may hold only files and directories"
             )
-    return Manifest(datetime.now(timezone.utc), sequence, tuple(entries))
+    return tuple(entries)
+
+
+def build_manifest(directory: str | Path, *, sequence: int, durable: bool) -> Manifest:
+    """A manifest of everything below ``directory`` (see :func:`scan_entries`)."""
+    entries = scan_entries(directory, durable=durable)
+    return Manifest(datetime.now(timezone.utc), sequence, entries)
 
 
 class BuildDir:
-    """A directory under construction in ``root``'s private folder.
+    """A directory under construction in ``root``, under a private name.
 
-    Nothing inside it is visible in ``root`` until :meth:`commit` renames it into
+    Nothing inside it is visible as a state until :meth:`commit` renames it into
     place. Leaving the ``with`` block without committing removes it.
 
     Args:
-        root: the directory the build is committed into.
+        root: the directory the build is committed into (created if missing).
         durable: fsync everything before and after the rename.
-        counter: the store's sequence counter (held open between saves); without one,
-            the counter file is opened for this commit only.
+        counter: the store's sequence counter (holding ``root`` open between saves);
+            without one, ``root`` is opened for this commit only.
     """
 
     def __init__(
@@ -58,41 +73,56 @@ class BuildDir:
     ) -> None:
         self.root = root
         self.durable = durable
-        self._private = f"{root}/{_atomic.PRIVATE_DIR}"
         self._counter = counter
         self._work, made = _atomic.new_work(root, is_dir=True, durable=durable)
         if made and counter is not None:
-            counter.close()  # its file went with the old folder: open the new one
+            counter.close()  # root was (re)created: reopen the directory that is there now
         self.spath = self._work.spath
         self.path = Path(self.spath)
 
-    def commit(self, final: str | Path) -> Manifest:
+    def commit(self, final: str | Path, *, metadata: Mapping[str, Any] | None = None) -> Manifest:
         """Write the manifest, make everything durable, and rename to ``final``.
 
+        ``metadata`` (a JSON object) is recorded in the manifest, under its seal.
+
         Raises:
+            TypeError, ValueError: ``metadata`` is not JSON-ready (the message names
+                the key); nothing was written.
             StateExistsError: ``final`` already exists; it is left untouched.
+            StorageError: with ``durable``, ``final`` was committed but syncing its
+                directory afterwards failed: the state is there, its durability unknown.
         """
-        counter = self._counter
-        sequence = counter.next() if counter is not None else next_sequence(self._private)
-        manifest = build_manifest(self.spath, sequence=sequence, durable=self.durable)
-        fd = os.open(f"{self.spath}/{MANIFEST_NAME}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        meta = check_metadata(metadata)
+        entries = scan_entries(self.spath, durable=self.durable)
+        counter = self._counter if self._counter is not None else SequenceCounter(self.root)
         try:
-            _atomic.write_all(fd, [manifest.to_bytes()])
-            if self.durable:
-                os.fsync(fd)
+            with counter.take() as sequence:
+                manifest = Manifest(datetime.now(timezone.utc), sequence, entries, metadata=meta)
+                raw = manifest.to_bytes()
+                fd = os.open(
+                    f"{self.spath}/{MANIFEST_NAME}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644
+                )
+                try:
+                    _atomic.write_all(fd, [raw])
+                    if self.durable:
+                        _atomic.full_fsync(fd)
+                finally:
+                    os.close(fd)
+                if self.durable:
+                    _atomic.full_fsync(self._work.fd)  # the build directory itself
+                _atomic.rename_noreplace(self.spath, final)
         finally:
-            os.close(fd)
-        if self.durable:
-            os.fsync(self._work.fd)  # the build directory itself
-        _atomic.rename_noreplace(self.spath, final)
+            if counter is not self._counter:
+                counter.close()
         self._work.release()
         if self.durable:
-            _atomic.fsync_dir(os.path.dirname(final) or ".")
-        return manifest
+            _atomic.sync_parent_after_commit(final, "state")
+        return dataclasses.replace(manifest, seal=int(raw[raw.rfind(b" ") + 1 : -3]))
 
-    def abort(self) -> None:
+    def abort(self, cause: BaseException | None = None) -> None:
+        """Remove the build (nothing if it was committed); see :meth:`Work.discard`."""
         if self._work.fd >= 0:
-            self._work.discard()
+            self._work.discard(cause)
 
     def __enter__(self) -> BuildDir:
         return self
@@ -103,4 +133,4 @@ class BuildDir:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.abort()
+        self.abort(exc)

@@ -1,80 +1,248 @@
-"""The store's sequence counter: one number per commit, shared by threads and processes.
+"""The commit sequence of a directory: one number per commit, shared by every writer.
 
-The counter lives in ``<private folder>/sequence``; every read-increment-write runs
-under an exclusive ``flock`` on it, so it never repeats or goes back while the file
-exists, whichever process commits.
+The number lives with the directory itself, never in a file of its own (the directory
+holds only committed states):
+
+* **In an extended attribute** ``user.statekeep.sequence`` of the directory, where the
+  filesystem has user extended attributes (ext4, XFS, btrfs, ZFS, tmpfs since Linux
+  6.6, ...). Every read-increment-write runs under an exclusive ``flock`` on the
+  directory, so it never repeats or goes back, whichever thread or process commits. The
+  attribute is part of the directory's inode: the fsync of the directory that follows
+  every durable commit makes it durable too, so it survives restarts and power loss.
+  An attribute that is missing (a new directory, or one copied without its attributes)
+  starts from the highest sequence found in the directory's manifests.
+* **Derived from the manifests** where there are no user extended attributes (macOS,
+  whose Python has no ``os.setxattr``; filesystems without them). The next number is one
+  more than the highest sequence of the committed states, and the directory's ``flock``
+  is then held from taking the number until the state is renamed into place, so two
+  writers cannot take the same one. Each process caches the highest number and re-reads
+  the heads of the manifests only when the directory has changed since its own last
+  commit (or changed too recently for its timestamps to tell).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
-import threading
+import time
+from collections.abc import Iterator
 
-from statekeep import _atomic
+from statekeep import _atomic, _fork, _manifest
+
+__all__ = ["XATTR", "SequenceCounter", "carry_over", "highest_committed", "next_sequence"]
+
+XATTR = "user.statekeep.sequence"
+_HAS_XATTR = hasattr(os, "getxattr") and hasattr(os, "setxattr")
+_UNSUPPORTED = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM})
+_MAX_DIGITS = 19  # sequences stay below 2**63
 
 
-def _bump(fd: int) -> int:
-    """Read, increment and write the counter in ``fd`` (the caller holds the lock)."""
-    raw = os.pread(fd, 32, 0).strip()
-    value = (int(raw) if raw.isdigit() else 0) + 1
-    os.pwrite(fd, b"%20d\n" % value, 0)
-    return value
+class _NoXattr(Exception):
+    """The directory's filesystem has no user extended attributes."""
 
 
-def next_sequence(private: str | os.PathLike[str]) -> int:
-    """Return the next number of the counter in ``private`` (opened for this call only)."""
-    fd = os.open(f"{private}/sequence", os.O_RDWR | os.O_CREAT, 0o644)
+def _get(fd: int) -> int | None:
+    """The counter in the attribute of ``fd``; None when missing or not a number."""
     try:
-        if _atomic.fcntl is not None:
-            _atomic.fcntl.flock(fd, _atomic.fcntl.LOCK_EX)
-        return _bump(fd)
-    finally:
-        os.close(fd)
+        raw = os.getxattr(fd, XATTR)
+    except OSError as exc:
+        if exc.errno == errno.ENODATA:
+            return None
+        if exc.errno in _UNSUPPORTED:
+            raise _NoXattr from exc
+        raise
+    text = raw.strip()
+    return int(text) if text.isdigit() and len(text) <= _MAX_DIGITS else None
+
+
+def _set(fd: int, value: int) -> None:
+    try:
+        os.setxattr(fd, XATTR, b"%d" % value)
+    except OSError as exc:
+        if exc.errno in _UNSUPPORTED:
+            raise _NoXattr from exc
+        raise
+
+
+def highest_committed(root: str) -> int:
+    """The highest sequence among the manifests of ``root``'s states (0 if none).
+
+    Reads only the head of each manifest (:func:`statekeep._manifest.read_order`).
+    """
+    best = 0
+    with os.scandir(root) as it:
+        for entry in it:
+            if _atomic.is_private(entry.name) or not entry.is_dir(follow_symlinks=False):
+                continue
+            order = _manifest.read_order(entry.path)
+            if order is not None and order[1] > best:
+                best = order[1]
+    return best
+
+
+def _dir_key(fd: int) -> tuple[int, int, int, int, int] | None:
+    """What changes when a directory's entries change; None when too recent to tell.
+
+    Timestamps have a granularity (1 s or 2 s on some filesystems, a clock tick on
+    others): a change within the same tick as the one recorded would go unseen, so a
+    directory changed less than that long ago is not trusted.
+    """
+    st = os.fstat(fd)
+    changed = max(st.st_mtime_ns, st.st_ctime_ns)
+    coarse = st.st_mtime_ns % 1_000_000_000 == 0 and st.st_ctime_ns % 1_000_000_000 == 0
+    margin = 2_000_000_000 if coarse else 50_000_000
+    if time.time_ns() - changed < margin:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink, st.st_size)
 
 
 class SequenceCounter:
-    """The counter of one store, its file held open between commits.
+    """The counter of one directory, the directory held open between commits.
 
-    Saves an ``open`` and a ``close`` per commit. A ``flock`` belongs to the open file,
-    which threads of one process share (and a forked child would too), so the lock is
-    taken under a thread lock, and a process that finds itself forked opens its own.
+    A ``flock`` belongs to the open file, which threads of one process share, so it is
+    taken under a thread lock; a forked child forgets the parent's descriptor and lock
+    (:func:`statekeep._fork.on_fork_child`) and opens its own.
     """
 
-    def __init__(self, private: str | os.PathLike[str]) -> None:
-        self._path = f"{private}/sequence"
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self._root = os.fspath(root)
         self._fd = -1
-        self._pid = -1
-        self._lock = threading.Lock()
+        self._lock = _fork.new_lock()
+        self._xattr = _HAS_XATTR  # False once the filesystem refuses attributes
+        self._last = 0  # the highest number this object has seen or handed out
+        self._seen: tuple[int, int, int, int, int] | None = None  # scan mode's cache key
+        _fork.on_fork_child(self._reset_in_child)
+
+    def _reset_in_child(self) -> None:
+        self._lock = _fork.new_lock()
+        fd, self._fd = self._fd, -1
+        self._seen = None
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)  # the child's own copy: the parent's open file stays open
+
+    def _open(self) -> int:
+        if self._fd < 0:
+            self._fd = os.open(self._root, os.O_RDONLY | os.O_DIRECTORY)
+        return self._fd
+
+    def _bump_xattr(self, fd: int) -> int | None:
+        """Increment the attribute (the caller holds the flock); None if unsupported."""
+        try:
+            current = _get(fd)
+            if current is None:
+                current = highest_committed(self._root)
+            value = max(current, self._last) + 1
+            _set(fd, value)
+        except _NoXattr:
+            self._xattr = False
+            return None
+        self._last = value
+        return value
+
+    def _bump_scan(self, fd: int) -> int:
+        """The next number from the manifests (the caller holds the flock)."""
+        key = _dir_key(fd)
+        if key is None or key != self._seen:
+            self._last = max(self._last, highest_committed(self._root))
+        self._seen = None
+        self._last += 1
+        return self._last
+
+    @contextlib.contextmanager
+    def take(self) -> Iterator[int]:
+        """A new number, larger than every number committed in the directory before.
+
+        Commit the state inside the ``with`` block: where the number comes from the
+        manifests, the directory stays locked until the block ends, so no other writer
+        can take the same number before the state that carries it is visible.
+        """
+        self._lock.acquire()
+        try:
+            fd = self._open()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                value = self._bump_xattr(fd) if self._xattr else None
+            except BaseException:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                raise
+            if value is not None:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        except BaseException:
+            self._lock.release()
+            raise
+        if value is not None:
+            self._lock.release()
+            yield value
+            return
+        try:
+            yield self._bump_scan(fd)
+            self._seen = _dir_key(fd)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            self._lock.release()
 
     def next(self) -> int:
-        """Return the next number; it is larger than every number handed out before."""
-        pid = os.getpid()
-        if pid != self._pid:  # first use, or a forked child: the parent's lock is not ours
-            if self._fd >= 0:
-                os.close(self._fd)  # the child's copy only; the parent keeps its own
-            self._lock = threading.Lock()
-            self._fd = -1
-            self._pid = pid
+        """A new number, with nothing committed under it (tests and one-off callers)."""
+        with self.take() as value:
+            return value
+
+    def raise_to(self, value: int) -> None:
+        """Make every later number larger than ``value`` (an older store's counter)."""
         with self._lock:
-            if self._fd < 0:
-                self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
-            fd = self._fd
-            if _atomic.fcntl is None:  # pragma: no cover - Windows
-                return _bump(fd)
-            _atomic.fcntl.flock(fd, _atomic.fcntl.LOCK_EX)
+            fd = self._open()
+            fcntl.flock(fd, fcntl.LOCK_EX)
             try:
-                return _bump(fd)
+                self._last = max(self._last, value)
+                if self._xattr:
+                    current = _get(fd)
+                    if current is None or current < value:
+                        _set(fd, max(value, highest_committed(self._root)))
+            except _NoXattr:
+                self._xattr = False
             finally:
-                _atomic.fcntl.flock(fd, _atomic.fcntl.LOCK_UN)
+                fcntl.flock(fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
-        """Close the file (if this process opened it); the next call reopens it."""
+        """Close the directory (the next call reopens it)."""
         with self._lock:
-            if self._fd >= 0 and self._pid == os.getpid():
-                os.close(self._fd)
-            self._fd = -1
+            fd, self._fd = self._fd, -1
+            self._seen = None
+            if fd >= 0:
+                os.close(fd)
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # at interpreter shutdown, os may be gone
             self.close()
+
+
+def next_sequence(root: str | os.PathLike[str]) -> int:
+    """The next number of ``root``'s counter (the directory opened for this call only)."""
+    counter = SequenceCounter(root)
+    try:
+        return counter.next()
+    finally:
+        counter.close()
+
+
+def carry_over(root: str | os.PathLike[str], legacy_file: str | os.PathLike[str]) -> None:
+    """Carry the counter of an older store's ``.statekeep/sequence`` file over to ``root``."""
+    try:
+        fd = os.open(legacy_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return
+    try:
+        raw = os.read(fd, 64).strip()
+    except OSError:
+        return
+    finally:
+        os.close(fd)
+    if not raw.isdigit() or len(raw) > _MAX_DIGITS:
+        return
+    counter = SequenceCounter(root)
+    try:
+        counter.raise_to(int(raw))
+    finally:
+        counter.close()

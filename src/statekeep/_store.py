@@ -101,7 +101,7 @@ def scan_dirs(states_dir: Path, match: str | None = None) -> list[Scanned]:
         return found
     with it:
         for entry in it:
-            if entry.name == _atomic.PRIVATE_DIR or not entry.is_dir(follow_symlinks=False):
+            if _atomic.is_private(entry.name) or not entry.is_dir(follow_symlinks=False):
                 continue
             if match is not None and not fnmatch.fnmatchcase(entry.name, match):
                 continue
@@ -139,7 +139,7 @@ def newest_committed(root: str) -> Path | None:
         return None
     with it:
         for entry in it:
-            if entry.name == _atomic.PRIVATE_DIR or not entry.is_dir(follow_symlinks=False):
+            if _atomic.is_private(entry.name) or not entry.is_dir(follow_symlinks=False):
                 continue
             order = _manifest.read_order(entry.path)
             if order is None:
@@ -184,8 +184,8 @@ class StateStore:
         self._states: dict[str, PersistentStateMixin] = {}
         self._lock = threading.Lock()
         self._root = str(self.states_dir)
-        self._counter = _sequence.SequenceCounter(f"{self._root}/{_atomic.PRIVATE_DIR}")
-        _atomic.ensure_private(self.states_dir, durable=durable)
+        _atomic.make_root(self.states_dir, durable=durable)
+        self._counter = _sequence.SequenceCounter(self._root)
         _atomic.sweep(self.states_dir)
 
     def register(self, name: str, state: PersistentStateMixin) -> None:

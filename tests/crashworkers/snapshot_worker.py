@@ -10,8 +10,12 @@ Kept to the standard library and ``statekeep._store`` so that it starts fast.
     every line of a child comes before its ``exit`` line. ``quit`` ends it.
 ``writer STATES_DIR TAG COUNT BASE``
     Saves COUNT states named ``...-TAG.state`` and writes ``saved GEN PATH`` for each.
+``count STATES_DIR N MODE``
+    Takes N numbers of the directory's commit counter (MODE ``xattr``: the extended
+    attribute; ``scan``: as without attributes, committing a tiny state with each) once
+    a line arrives on stdin (after it wrote ``ready``), and writes ``got N1 N2 ...``.
 ``hold STATES_DIR``
-    Opens a work entry in the store's private folder, writes ``held PATH``, and waits
+    Opens a work entry in the store's directory, writes ``held PATH``, and waits
     on stdin (to be killed while holding it).
 
 Every file a save writes starts with the save's generation number (``GEN\\n``) and
@@ -137,10 +141,31 @@ def writer(states_dir: str, tag: str, count: int, base: int) -> None:
 def hold(states_dir: str) -> None:
     from statekeep import _atomic
 
-    work = _atomic.Work(_atomic.ensure_private(Path(states_dir), durable=False), is_dir=True)
+    _atomic.make_root(states_dir, durable=False)
+    work = _atomic.Work(states_dir, is_dir=True)
     (work.path / "half-written").write_bytes(b"x" * 100)
     emit(f"held {work.path}")
     sys.stdin.read()
+
+
+def count(states_dir: str, n: int, mode: str) -> None:
+    """Take ``n`` sequence numbers; ``scan`` mode commits a tiny state with each one."""
+    from statekeep import _commit, _sequence
+
+    if mode == "scan":
+        _sequence._HAS_XATTR = False  # as on a filesystem without user xattrs
+    counter = _sequence.SequenceCounter(states_dir)
+    got = []
+    emit("ready")
+    sys.stdin.readline()  # start together with the other processes
+    for i in range(n):
+        if mode == "scan":
+            with _commit.BuildDir(states_dir, durable=False, counter=counter) as build:
+                (build.path / "x").write_bytes(b"x")
+                got.append(build.commit(f"{states_dir}/{os.getpid()}-{i}.state").sequence)
+        else:
+            got.append(counter.next())
+    emit("got " + " ".join(map(str, got)))
 
 
 if __name__ == "__main__":
@@ -151,5 +176,7 @@ if __name__ == "__main__":
         writer(args[0], args[1], int(args[2]), int(args[3]))
     elif mode == "hold":
         hold(args[0])
+    elif mode == "count":
+        count(args[0], int(args[1]), args[2])
     else:
         sys.exit(f"unknown mode {mode!r}")

@@ -135,7 +135,7 @@ class FileCheckpointStorage(ClosingContext):
         self.durable = durable
         self._closed = False
         with _os_errors("create checkpoint directory", self.checkpoint_dir):
-            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            _atomic.make_root(self.checkpoint_dir, durable=durable)
             _atomic.sweep(self.checkpoint_dir)
 
     def _path(self, session_id: str | UUID) -> tuple[str, Path]:
