@@ -44,8 +44,7 @@ def local_entries(root: Path) -> list[str]:
 
 
 def work_entries(root: Path) -> list[str]:
-    private = root / _atomic.PRIVATE_DIR
-    return [n for n in os.listdir(private) if n.endswith((".work", ".pending"))]
+    return [n for n in os.listdir(root) if _atomic.is_private(n)]
 
 
 class TestPublishRestore:
@@ -216,7 +215,7 @@ class TestSequence:
         machines = [tmp_path / "m1", tmp_path / "m2"]
         counters = [pub.Publisher(dir_remote, m, durable=False).counter() for m in machines]
         for m in machines:
-            _atomic.ensure_private(m, durable=False)
+            m.mkdir()
         seqs = []
         for i in range(6):
             root = machines[i % 2]
@@ -272,7 +271,7 @@ class TestPrune:
         counter = publisher.counter()
         from statekeep import _commit
 
-        _atomic.ensure_private(root, durable=False)
+        root.mkdir()
         out = []
         for i in range(n):
             with _commit.BuildDir(root, durable=False, counter=counter) as b:

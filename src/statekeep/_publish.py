@@ -17,13 +17,14 @@ local save (:mod:`statekeep._atomic`).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
 import secrets
 import zlib
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -363,47 +364,34 @@ def claim_sequence(remote: Remote, start: int) -> int:
     raise StorageError(f"could not claim a commit sequence on {remote!r} in 1000 tries")
 
 
-def _local_max_sequence(root: str) -> int:
-    best = 0
-    try:
-        it = os.scandir(root)
-    except FileNotFoundError:
-        return 0
-    with it:
-        for entry in it:
-            if _atomic.is_private(entry.name) or not entry.is_dir(follow_symlinks=False):
-                continue
-            order = _manifest.read_order(entry.path)
-            if order is not None:
-                best = max(best, order[1])
-    return best
-
-
 class RemoteCounter(_sequence.SequenceCounter):
-    """The store's sequence counter, claimed on the remote so machines compare.
+    """The store's sequence counter, with each number claimed on the remote.
 
-    If the remote cannot be reached the number is still above every local one (the
-    publish that follows then fails and says so).
+    The number is above every local one and every one claimed on the remote, so
+    sequences compare across machines. If the remote cannot be reached the number is
+    still above every local one (the publish that follows then fails and says so).
     """
 
-    def __init__(self, private: str, remote: Remote, root: str) -> None:
-        super().__init__(private)
+    def __init__(self, root: str, remote: Remote) -> None:
+        super().__init__(root)
         self._remote = remote
-        self._root = root
         self._floor = -1
 
-    def next(self) -> int:
-        local = super().next()
-        if self._floor < 0:
-            self._floor = _local_max_sequence(self._root)
-        start = max(local, self._floor + 1)
-        try:
-            n = claim_sequence(self._remote, start)
-        except StorageError as exc:
-            logger.warning("statekeep: could not claim a sequence on %r: %s", self._remote, exc)
-            n = start
-        self._floor = n
-        return n
+    @contextlib.contextmanager
+    def take(self) -> Iterator[int]:
+        with super().take() as local:
+            if self._floor < 0:
+                self._floor = _sequence.highest_committed(self._root)
+            start = max(local, self._floor + 1)
+            try:
+                n = claim_sequence(self._remote, start)
+            except StorageError as exc:
+                logger.warning("statekeep: could not claim a sequence on %r: %s", self._remote, exc)
+                n = start
+            self._floor = n
+            yield n
+        if n > local:
+            self.raise_to(n)  # the local counter never hands out a number below it again
 
 
 class Publisher:
@@ -423,7 +411,7 @@ class Publisher:
         self._lock = _fork.new_lock()
 
     def counter(self) -> RemoteCounter:
-        return RemoteCounter(f"{self.root}/{_atomic.PRIVATE_DIR}", self.remote, self.root)
+        return RemoteCounter(self.root, self.remote)
 
     def states(self) -> list[RemoteState]:
         """Remote states by sequence, oldest first; damaged manifests are logged."""
