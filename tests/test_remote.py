@@ -268,3 +268,27 @@ class TestOpenRemote:
         assert isinstance(open_remote("s3://bucket/x"), S3Remote)
         with pytest.raises(ValueError, match="unknown scheme 'gs'"):
             open_remote("gs://bucket/x")
+
+
+class TestPublicFace:
+    """statekeep.remote's names: sorted, documented, in the API page and the changelog."""
+
+    def test_all_is_sorted_and_documented(self) -> None:
+        """Every exported name has a docstring of its own."""
+        import statekeep.remote as module
+
+        assert module.__all__ == sorted(set(module.__all__))
+        for name in module.__all__:
+            obj = getattr(module, name)
+            doc = obj.__doc__ if callable(obj) and not isinstance(obj, type) else None
+            doc = doc or vars(obj).get("__doc__") if isinstance(obj, type) else doc
+            assert (doc or "").strip(), f"{name} has no docstring"
+
+    def test_api_page_and_changelog(self) -> None:
+        """docs/api.md renders statekeep.remote; CHANGELOG.md names each class."""
+        from test_exported_members import API_PAGE, CHANGELOG, documented_names
+
+        assert "statekeep.remote" in documented_names(API_PAGE.read_text(encoding="utf-8"))
+        changelog = CHANGELOG.read_text(encoding="utf-8")
+        for name in ("Remote", "S3Remote", "DirectoryRemote", "open_remote"):
+            assert f"`{name}" in changelog or f"{name}(" in changelog, name

@@ -10,11 +10,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from statekeep.remote._base import Remote, RemoteObject, check_key
+from statekeep.remote._base import Remote, RemoteObject, Source, check_key
 from statekeep.remote._directory import DirectoryRemote
 from statekeep.remote._s3 import S3Remote
 
-__all__ = ["DirectoryRemote", "Remote", "RemoteObject", "S3Remote", "check_key", "open_remote"]
+__all__ = [
+    "DirectoryRemote",
+    "Remote",
+    "RemoteObject",
+    "S3Remote",
+    "Source",
+    "check_key",
+    "open_remote",
+]
 
 
 def open_remote(url_or_path: str | Path | Remote) -> Remote:
