@@ -280,8 +280,7 @@ class TestPublicFace:
         assert module.__all__ == sorted(set(module.__all__))
         for name in module.__all__:
             obj = getattr(module, name)
-            doc = obj.__doc__ if callable(obj) and not isinstance(obj, type) else None
-            doc = doc or vars(obj).get("__doc__") if isinstance(obj, type) else doc
+            doc = vars(obj).get("__doc__") if isinstance(obj, type) else obj.__doc__
             assert (doc or "").strip(), f"{name} has no docstring"
 
     def test_api_page_and_changelog(self) -> None:
