@@ -319,3 +319,40 @@ class TestPrune:
         assert pub.read_remote_states(remote) == ([], [])
         assert [o.key for o in remote.list(pub.SEQ)] == [pub.seq_key(states[-1].sequence)]
         assert pub.claim_sequence(remote, 1) == states[-1].sequence + 1
+
+
+class TestPullNewest:
+    """A fresh machine pulls the newest remote state that verifies, skipping damaged ones."""
+
+    def test_fallback_with_warning(
+        self, remote: Remote, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A flipped byte in the newest remote state: the one before is pulled, with a warning."""
+        root = tmp_path / "m1"
+        publisher = pub.Publisher(remote, root, durable=False)
+        counter = publisher.counter()
+        from statekeep import _commit
+
+        root.mkdir()
+        for i in range(3):
+            with _commit.BuildDir(root, durable=False, counter=counter) as b:
+                (b.path / "x").write_bytes(b"state %d" % i)
+                b.commit(root / f"{i}.state")
+            publisher.publish(root / f"{i}.state")
+        newest = publisher.states()[-1]
+        key = f"{newest.data_prefix()}x"
+        data = bytearray(remote.get(key))
+        data[3] ^= 0x20
+        remote.delete([key])
+        remote.put_if_absent(key, io.BytesIO(bytes(data)), len(data))
+        fresh = tmp_path / "fresh"
+        fresh.mkdir()
+        other = pub.Publisher(remote, fresh, durable=True)
+        with caplog.at_level(logging.WARNING, "statekeep"):
+            path = other.pull_newest(0)
+        assert path == fresh / "1.state"
+        assert (path / "x").read_bytes() == b"state 1"
+        assert f"{key} failed verification" in caplog.text
+        assert "trying an older one" in caplog.text
+        assert local_entries(fresh) == ["1.state"]
+        assert other.pull_newest(_manifest.verify(path).sequence) is None

@@ -503,6 +503,31 @@ class Publisher:
         """Bring ``rs`` into the states directory (see :func:`restore_state`)."""
         return restore_state(self.remote, rs, self.root, durable=self.durable)
 
+    def pull_newest(self, newer_than: int) -> Path | None:
+        """Pull the newest remote state above sequence ``newer_than`` that verifies.
+
+        Each newer one that fails is skipped with a warning naming the object, as
+        locally. Returns the local path of the state pulled, or None.
+
+        Raises:
+            StorageError: the remote failed (nothing was loaded or half-pulled).
+        """
+        for rs in reversed(self.states()):
+            if rs.sequence <= newer_than:
+                return None
+            if os.path.lexists(f"{self.root}/{rs.name}"):
+                continue  # a local entry of that name: the local loader decides about it
+            try:
+                path = self.pull(rs)
+            except CorruptStateError as exc:
+                logger.warning("statekeep: skipping remote state: %s; trying an older one", exc)
+                continue
+            except StateExistsError:
+                return Path(self.root, rs.name)  # another loader pulled it meanwhile
+            logger.info("statekeep: restored state %s from %r", rs.name, self.remote)
+            return path
+        return None
+
 
 def prune_remote(
     remote: Remote,
