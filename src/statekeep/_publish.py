@@ -24,7 +24,7 @@ import os
 import secrets
 import zlib
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -40,6 +40,7 @@ __all__ = [
     "RemoteCounter",
     "RemoteState",
     "claim_sequence",
+    "keep_latest",
     "prune_remote",
     "publish_state",
     "read_remote_states",
@@ -529,38 +530,55 @@ class Publisher:
         return None
 
 
+Chooser = Callable[[list[RemoteState], Callable[[RemoteState], bool]], Iterable[str]]
+
+
+def keep_latest(max_keep: int) -> Chooser:
+    """A chooser removing all but the newest ``max_keep`` (never the newest that verifies)."""
+
+    def choose(states: list[RemoteState], verifies: Callable[[RemoteState], bool]) -> list[str]:
+        if max_keep < 0:
+            return []
+        doomed = states[: max(len(states) - max_keep, 0)]
+        if max_keep > 0:
+            newest_good = next((rs for rs in reversed(states) if verifies(rs)), None)
+            doomed = [rs for rs in doomed if rs is not newest_good]
+        return [rs.name for rs in doomed]
+
+    return choose
+
+
 def prune_remote(
     remote: Remote,
-    max_keep: int,
+    max_keep: int = -1,
     *,
+    choose: Chooser | None = None,
     grace: timedelta = GRACE,
     now: datetime | None = None,
-    keep: Iterable[str] = (),
 ) -> list[str]:
-    """Remove all but the newest ``max_keep`` remote states; return the names removed.
+    """Remove old remote states; return the names removed, oldest first.
 
-    The newest state whose files are all listed with their sizes is never removed
-    (unless ``max_keep == 0``); names in ``keep`` stay too. Each removal deletes the
-    manifest first (the state is gone from that instant), then its files in batches.
-    Files whose manifest never arrived (a killed publisher), damaged manifests, stale
-    uploads and sequence markers below every kept state go once older than ``grace``.
+    ``choose`` (the keeper passes its retention rules) names the states to remove from
+    all of them, oldest first, given a test of whether a state verifies (its files are
+    all listed with their sizes: one LIST); by default all but the newest ``max_keep``
+    go, never the newest that verifies. Each removal deletes the manifest first (the
+    state is gone from that instant), then its files in batches. Files whose manifest
+    never arrived (a killed publisher), damaged manifests, stale uploads and sequence
+    markers below every kept state go once older than ``grace``.
     """
     now = now or datetime.now(timezone.utc)
     states, bad = read_remote_states(remote)
-    keep_names = set(keep)
-    if max_keep < 0:
-        doomed: list[RemoteState] = []
-    else:
-        doomed = states[: max(len(states) - max_keep, 0)]
-        if max_keep > 0:
-            for rs in reversed(states):
-                if verify_listing(remote, rs):
-                    keep_names.add(rs.name)  # the newest state that verifies stays
-                    break
+    checked: dict[str, bool] = {}
+
+    def verifies(rs: RemoteState) -> bool:
+        if rs.name not in checked:
+            checked[rs.name] = verify_listing(remote, rs)
+        return checked[rs.name]
+
+    names = set((choose or keep_latest(max_keep))(states, verifies))
+    doomed = [rs for rs in states if rs.name in names]
     removed: list[str] = []
     for rs in doomed:
-        if rs.name in keep_names:
-            continue
         remote.delete([f"{STATES}{rs.name}"])
         remote.delete(o.key for o in remote.list(rs.data_prefix()))
         logger.info("statekeep: removed remote state %s", rs.name)
