@@ -157,12 +157,12 @@ class S3Remote:
                 done = 0
                 number = 0
                 while done < size:
+                    if len(pending) >= self.max_in_flight:  # first wait, then read: at
+                        etags.append(pending.popleft().result())  # most max_in_flight parts held
                     n = min(self.part_size, size - done)
                     body = _read_exact(source, n, key)
                     done += n
                     number += 1
-                    if len(pending) >= self.max_in_flight:
-                        etags.append(pending.popleft().result())
                     pending.append(pool.submit(self._upload_part, full, upload_id, number, body))
                     del body
                 while pending:
