@@ -162,14 +162,16 @@ def rsnap_cases(
 def publish_peak_rss(tmp: Path, server: Any, bucket: str, size_mb: int) -> dict[str, int]:
     """Peak RSS (KiB) of one publish of a ``size_mb`` MB state, in a fresh process."""
     env = {**os.environ, **server.env()}
-    out = subprocess.run(
+    proc = subprocess.run(
         [sys.executable, __file__, "rss-child", str(tmp / "rss"), bucket, str(size_mb)],
         env=env,
         capture_output=True,
         text=True,
-        check=True,
         timeout=600,
-    ).stdout
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"the publish child failed: {proc.stderr[-2000:]}")
+    out = proc.stdout
     return dict(json.loads(out.strip().splitlines()[-1]))
 
 
@@ -177,7 +179,7 @@ def _rss_child(root: str, bucket: str, size_mb: int) -> None:
     from _rss_child import peak_kib
 
     state = make_state(Path(root), "big.state", [("weights", size_mb << 20)])
-    remote = S3Remote(f"s3://{bucket}/rss")
+    remote = S3Remote(f"s3://{bucket}/rss-{os.getpid()}")
     remote.list("")  # the client and its connections exist before the baseline
     baseline = peak_kib()
     _publish.publish_state(remote, state)
