@@ -356,3 +356,37 @@ class TestPullNewest:
         assert "trying an older one" in caplog.text
         assert local_entries(fresh) == ["1.state"]
         assert other.pull_newest(_manifest.verify(path).sequence) is None
+
+
+class TestHostileSizes:
+    """Sizes a damaged or hostile remote claims never make a restore hang or balloon."""
+
+    def test_manifest_claims_a_huge_file(self, dir_remote: DirectoryRemote, tmp_path: Path) -> None:
+        """A sealed manifest saying a 1-byte object is 1 PB: a few GETs, then CorruptStateError."""
+        calls: list[int] = []
+        real_get = dir_remote.get
+
+        def get(key: str, *, start: int = 0, length: int | None = None) -> bytes:
+            calls.append(start)
+            return real_get(key, start=start, length=length)
+
+        dir_remote.get = get  # type: ignore[method-assign]
+        manifest = Manifest(datetime.now(timezone.utc), 1, (Entry("x", False, 1 << 50, 0),))
+        rs = pub.RemoteState("h.state", "tok", manifest, manifest.to_bytes())
+        dir_remote.put_if_absent(f"{rs.data_prefix()}x", io.BytesIO(b"x"), 1)
+        fresh = tmp_path / "fresh"
+        fresh.mkdir()
+        with pytest.raises(CorruptStateError, match="manifest says 1125899906842624"):
+            pub.restore_state(dir_remote, rs, fresh, durable=False)
+        assert len(calls) <= pub.WINDOW
+        assert local_entries(fresh) == []
+
+    def test_huge_manifest_object_is_not_read(self, dir_remote: DirectoryRemote) -> None:
+        """A manifest object above MAX_MANIFEST is reported damaged without a GET."""
+        path = dir_remote.root / pub.STATES
+        path.mkdir(parents=True)
+        with open(path / "big.state", "wb") as f:
+            f.truncate(pub.MAX_MANIFEST + 1)
+        good, bad = pub.read_remote_states(dir_remote)
+        assert good == []
+        assert "at most" in str(bad[0][1])

@@ -57,6 +57,7 @@ PART = 8 << 20  # ranged GETs of large files
 WINDOW = 4  # parts of one file in flight
 FILES_IN_FLIGHT = 8
 GRACE = timedelta(hours=1)
+MAX_MANIFEST = 64 << 20  # a manifest object larger than this is not read
 
 
 def seq_key(n: int) -> str:
@@ -197,6 +198,11 @@ def read_remote_states(
             good.append(hit[2])
             continue
         try:
+            if obj.size > MAX_MANIFEST:
+                raise CorruptStateError(
+                    f"remote state {remote!r}/{obj.key} is malformed: its manifest is"
+                    f" {obj.size} bytes (at most {MAX_MANIFEST})"
+                )
             rs = decode_manifest(name, remote.get(obj.key), f"{remote!r}/{obj.key}")
         except FileNotFoundError:
             continue  # pruned while we looked
@@ -239,8 +245,8 @@ def _download_file(remote: Remote, key: str, path: str, entry: Entry, durable: b
                     got += len(data)
                     if got <= entry.size:
                         _atomic.write_all(fd, [data])
-                    nxt = next(starts, None)
-                    if nxt is not None:
+                    nxt = next(starts, None) if len(data) == PART else None
+                    if nxt is not None:  # a short part is the end: ask for nothing past it
                         pending.append(pool.submit(remote.get, key, start=nxt, length=PART))
         if got != entry.size:
             more = "more" if got > entry.size else f"{got}"
