@@ -26,10 +26,16 @@ EXPECTED = {
     "CorruptStateError",
     "ExecutionContext",
     "FileCheckpointStorage",
+    "KeepAny",
+    "KeepBest",
+    "KeepEvery",
+    "KeepLatest",
     "LatestStatesKeeper",
     "MemoryCheckpointStorage",
+    "MissingComponentsError",
     "PersistentStateMixin",
     "RecoverableState",
+    "RetentionPolicy",
     "SQLiteCheckpointStorage",
     "StateExistsError",
     "StateInfo",
@@ -41,6 +47,7 @@ EXPECTED = {
     "StorageError",
     "load_pickle",
     "save_pickle",
+    "verify_state",
 }
 
 _DIRECTIVE = re.compile(r"^:::\s*(?P<target>[\w.]+)\s*$")

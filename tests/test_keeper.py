@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import subprocess
@@ -12,7 +13,16 @@ from pathlib import Path
 import pytest
 
 from crashworkers.snapshot_worker import check_state, make_store
-from statekeep import LatestStatesKeeper, PersistentStateMixin, StateStore, _atomic, _manifest
+from statekeep import (
+    KeepBest,
+    KeepLatest,
+    LatestStatesKeeper,
+    PersistentStateMixin,
+    StateStore,
+    _atomic,
+    _manifest,
+    _scan,
+)
 from statekeep import _keeper as keeper_module
 
 
@@ -107,24 +117,39 @@ class TestCleanup:
         assert names(states_dir) == ["w.state", "x.state"]
         assert sorted(os.listdir(states_dir)) == ["w.state", "x.state"]  # nothing private
 
-    def test_legacy_directories_by_mtime(self, states_dir: Path) -> None:
+    def test_legacy_directories_never_count_as_kept(self, states_dir: Path) -> None:
+        now = time.time()
+        for name, age in (("a", 100), ("b", 300), ("c", 200)):
+            legacy(states_dir, f"{name}.state", now - age)
+        keeper = LatestStatesKeeper(states_dir, max_keep=1)
+        assert keeper.cleanup() == []  # none verifies: nothing may go
+        assert names(states_dir) == ["a.state", "b.state", "c.state"]
+
+    def test_legacy_directories_go_by_mtime_once_enough_states_verify(
+        self, states_dir: Path
+    ) -> None:
         now = time.time()
         a = legacy(states_dir, "a.state", now - 100)
         b = legacy(states_dir, "b.state", now - 300)
         c = legacy(states_dir, "c.state", now - 200)
-        keeper = LatestStatesKeeper(states_dir, max_keep=1)
-        assert keeper.cleanup() == [b, c]
-        assert names(states_dir) == ["a.state"]
-        assert a.is_dir()
+        keeper = LatestStatesKeeper(states_dir, max_keep=2)
+        good = save(states_dir, "good.state")
+        assert keeper.cleanup() == []  # one good state of the two to keep: nothing goes yet
+        later = save(states_dir, "later.state")
+        assert keeper.cleanup() == [b, c, a]  # oldest first, by mtime among themselves
+        assert names(states_dir) == [good.name, later.name]
 
-    def test_legacy_and_manifest_states_share_one_timeline(self, states_dir: Path) -> None:
+    def test_a_newer_directory_without_manifest_never_pushes_out_the_good_state(
+        self, states_dir: Path
+    ) -> None:
         now = time.time()
         old = legacy(states_dir, "old.state", now - 3600)
         current = save(states_dir, "current.state")
-        legacy(states_dir, "newer.state", now + 3600)
+        newer = legacy(states_dir, "newer.state", now + 3600)
         keeper = LatestStatesKeeper(states_dir, max_keep=1)
-        assert keeper.cleanup() == [old, current]
-        assert names(states_dir) == ["newer.state"]
+        assert keeper.cleanup() == [old, newer]
+        assert names(states_dir) == ["current.state"]
+        _manifest.verify(current)
 
     def test_only_matching_directories(self, states_dir: Path) -> None:
         save(states_dir, "a.state")
@@ -413,3 +438,150 @@ class TestConcurrentSavesWhilePruning:
         assert len(remaining) == 2
         StateStore(states_dir)
         assert [n for n in os.listdir(states_dir) if _atomic.is_private(n)] == []
+
+
+def flip_bit(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 1
+    path.write_bytes(bytes(data))
+
+
+class TestNeverDeletesTheNewestGoodState:
+    """A damaged, unreadable or manifest-less newest directory never counts as kept."""
+
+    @pytest.mark.parametrize("damage", ["payload bit", "manifest bit", "manifest head bit", "eio"])
+    def test_older_good_state_survives(
+        self, states_dir: Path, monkeypatch: pytest.MonkeyPatch, damage: str
+    ) -> None:
+        good = save(states_dir, "a.state", b"good")
+        bad = save(states_dir, "b.state", b"newer")
+        manifest = bad / _manifest.MANIFEST_NAME
+        if damage == "payload bit":
+            flip_bit(bad / "blob", 0)
+        elif damage == "manifest bit":
+            flip_bit(manifest, manifest.read_bytes().index(b'"blob"') + 1)
+        elif damage == "manifest head bit":
+            flip_bit(manifest, manifest.read_bytes().index(b'"sequence": ') + 12)
+        else:
+            real_open = os.open
+
+            def failing(path: str, *args: int, **kw: int) -> int:
+                if os.fspath(path).startswith(f"{bad}/"):
+                    raise OSError(errno.EIO, "Input/output error", path)
+                return real_open(path, *args, **kw)
+
+            monkeypatch.setattr(os, "open", failing)
+        keeper = LatestStatesKeeper(states_dir, max_keep=1)
+        removed: list[Path] = []
+        for _ in range(2):
+            removed += keeper.cleanup()
+            assert good not in removed
+            assert good.is_dir()
+        store = StateStore(states_dir)
+        store.register("blob", Blob())
+        assert store.load_latest_state() == good
+        # Once a newer good state exists, what is older than it may go, damaged or not.
+        newest = save(states_dir, "c.state", b"newest")
+        assert set(keeper.cleanup()) == {good, bad} - set(removed)
+        assert names(states_dir) == [newest.name]
+
+    def test_each_state_is_read_once_per_process(
+        self, states_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        _scan._cache.clear()
+        made = [save(states_dir, f"{i}.state") for i in range(4)]
+        reads: list[str] = []
+        real = _manifest.verify
+
+        def counting(directory: str | Path) -> _manifest.Manifest:
+            reads.append(os.fspath(directory))
+            return real(directory)
+
+        monkeypatch.setattr(_scan._manifest, "verify", counting)
+        keeper = LatestStatesKeeper(states_dir, max_keep=2)
+        assert keeper.cleanup() == made[:2]
+        for _ in range(3):
+            assert keeper.cleanup() == []
+        assert LatestStatesKeeper(states_dir, max_keep=2).cleanup() == []  # another keeper
+        assert sorted(reads) == [str(made[2]), str(made[3])]
+        later = save(states_dir, "4.state")
+        assert keeper.cleanup() == [made[2]]
+        assert sorted(reads) == [str(made[2]), str(made[3]), str(later)]
+
+
+class TestLifecycle:
+    """Start and stop are logged; the context manager prunes once more on exit; fork works."""
+
+    def test_start_and_stop_logged_at_info(
+        self, states_dir: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        keeper = LatestStatesKeeper(states_dir, max_keep=3, cleanup_interval=7.5)
+        with caplog.at_level(logging.INFO, logger="statekeep"):
+            keeper.start()
+            keeper.stop()
+        text = caplog.text
+        assert f"keeper started on {states_dir} (max_keep=3, every 7.5s)" in text
+        assert f"keeper stopped on {states_dir}" in text
+
+    def test_context_manager_leaves_max_keep(self, states_dir: Path) -> None:
+        store = StateStore(states_dir)
+        store.register("blob", Blob())
+        with LatestStatesKeeper(states_dir, max_keep=3, cleanup_interval=3600):
+            for _ in range(8):
+                store.save_state()
+        assert len(names(states_dir)) == 3
+
+    @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+    def test_start_in_a_forked_child(self, states_dir: Path) -> None:
+        save(states_dir, "a.state")
+        save(states_dir, "b.state")
+        keeper = ObservedKeeper(states_dir, max_keep=1, cleanup_interval=3600)
+        keeper.start()
+        try:
+            assert keeper.wait_passes(1)
+            save(states_dir, "c.state")
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child reports by its exit status
+                code = 1
+                try:
+                    keeper.passes = 0
+                    keeper._cond = threading.Condition()
+                    keeper.start()
+                    code = 0 if keeper.wait_passes(1, timeout=20) else 2
+                    keeper.stop()
+                    code = code or (0 if names(states_dir) == ["c.state"] else 3)
+                finally:
+                    os._exit(code)
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+        finally:
+            keeper.stop()
+
+
+class TestPolicyArgument:
+    """policy= replaces max_keep; plan() says what would go and removes nothing."""
+
+    def test_both_given(self, states_dir: Path) -> None:
+        with pytest.raises(ValueError, match="not both"):
+            LatestStatesKeeper(states_dir, max_keep=3, policy=KeepLatest(2))
+        with pytest.raises(ValueError, match="not both"):
+            LatestStatesKeeper(states_dir, max_keep=10, policy=KeepLatest(2))  # explicit 10
+        LatestStatesKeeper(states_dir, policy=KeepLatest(2))  # max_keep left alone
+
+    def test_plan_removes_nothing(self, states_dir: Path) -> None:
+        made = [save(states_dir, f"{i}.state") for i in range(3)]
+        keeper = LatestStatesKeeper(states_dir, policy=KeepLatest(1))
+        assert keeper.plan() == made[:2]
+        assert names(states_dir) == ["0.state", "1.state", "2.state"]
+        assert keeper.cleanup() == made[:2]
+        assert keeper.plan() == []
+
+    def test_best_by_metric_plus_the_newest(self, states_dir: Path) -> None:
+        store = StateStore(states_dir, "%Y-%m-%d_%H-%M-%S,%f.state")
+        store.register("blob", Blob())
+        losses = [0.9, 0.2, 0.5, 0.1, 0.7, 0.8]
+        made = [store.save_state(metadata={"loss": x}) for x in losses]
+        keeper = LatestStatesKeeper(states_dir, policy=KeepBest("loss", 2) | KeepLatest(1))
+        keeper.cleanup()
+        assert [i.path for i in store.list_states()] == [made[1], made[3], made[5]]
+        assert [i.metadata for i in store.list_states()] == [{"loss": x} for x in (0.2, 0.1, 0.8)]

@@ -3,24 +3,36 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
+import pickle
+import subprocess
+import sys
+import threading
 import time
 import zlib
 from datetime import timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from statekeep import (
     CorruptStateError,
+    LatestStatesKeeper,
+    MissingComponentsError,
     PersistentStateMixin,
     StateExistsError,
     StateInfo,
+    StatekeepError,
     StateStore,
     _atomic,
+    _commit,
     _manifest,
+    _store,
+    verify_state,
 )
 
 
@@ -295,7 +307,9 @@ class TestListing:
         store, *_ = make_store(states_dir)
         path = store.save_state()
         [info] = store.list_states()
-        assert info == StateInfo(path, info.created_at, 2 + 1 + 1 + 100 + 1)
+        assert info == StateInfo(path, info.created_at, 2 + 1 + 1 + 100 + 1, info.sequence, {})
+        assert info.sequence >= 1
+        assert info.location == "local"
         assert info.created_at.tzinfo is not None
         assert info.created_at.utcoffset() == timezone.utc.utcoffset(None)
         with pytest.raises(dataclasses.FrozenInstanceError):
@@ -367,19 +381,15 @@ class TestLoadLatest:
         assert str(flipped) in skipped[1]
         assert "value has CRC-32" in skipped[1]
 
-    def test_skips_a_newer_directory_without_manifest(
-        self, states_dir: Path, caplog: pytest.LogCaptureFixture
-    ) -> None:
+    def test_a_newer_directory_without_manifest_is_ordered_below(self, states_dir: Path) -> None:
         store, *_ = make_store(states_dir)
         good = store.save_state()
         legacy = states_dir / "legacy.state"
         legacy.mkdir()
         future = time.time() + 3600
         os.utime(legacy, (future, future))
-        with caplog.at_level(logging.WARNING, logger="statekeep"):
-            assert store.load_latest_state() == good
-        assert f"skipping state: state {legacy} has no manifest" in caplog.text
-        assert "has no manifest" in caplog.text
+        assert store.load_latest_state() == good
+        assert store.latest_state() == good
 
     def test_none_verifies(self, states_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
         store, *_ = make_store(states_dir)
@@ -410,3 +420,412 @@ class TestSweepOnOpen:
             assert work.path.is_dir()
         finally:
             work.discard()
+
+
+class SteppedClock:
+    """Stands in for ``datetime`` in the modules that read the clock, shifted by ``offset``."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import datetime as real
+
+        self.offset = real.timedelta(0)
+        clock = self
+
+        class Shifted(real.datetime):
+            @classmethod
+            def now(cls, tz: real.tzinfo | None = None) -> Shifted:  # type: ignore[override]
+                moment = real.datetime.now(tz) + clock.offset
+                return cls.fromtimestamp(moment.timestamp(), tz)
+
+        for module in (_store, _commit):
+            monkeypatch.setattr(module, "datetime", Shifted)
+
+    def step_back(self, hours: float) -> None:
+        import datetime as real
+
+        self.offset -= real.timedelta(hours=hours)
+
+
+class TestClockSteps:
+    """A clock stepped back between saves changes no decision: order is the sequence."""
+
+    def test_latest_list_load_and_keeper_follow_the_sequence(
+        self, states_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        clock = SteppedClock(monkeypatch)
+        store, value, *_ = make_store(states_dir)
+        value.value = b"before"
+        before = store.save_state()
+        clock.step_back(1)  # NTP step, VM resume
+        value.value = b"after"
+        after = store.save_state()
+        assert after.name < before.name  # named by the stepped clock
+        infos = store.list_states()
+        assert [i.path for i in infos] == [before, after]
+        assert infos[1].created_at < infos[0].created_at
+        assert infos[0].sequence < infos[1].sequence
+        assert store.latest_state() == after
+        value.value = b""
+        assert store.load_latest_state() == after
+        assert value.value == b"after"
+        assert LatestStatesKeeper(states_dir, max_keep=1).cleanup() == [before]
+        assert store.latest_state() == after
+
+
+class TestMissingComponents:
+    """load_state checks the manifest's names before calling any component."""
+
+    def test_refused_before_any_component_is_called(self, states_dir: Path) -> None:
+        old = StateStore(states_dir)
+        old.register("model", Value(b"weights"))
+        saved = old.save_state()
+        new = StateStore(states_dir)
+        model, scheduler = Value(b"untouched"), Value(b"untouched")
+        new.register("model", model)
+        new.register("scheduler", scheduler)
+        for load in (lambda: new.load_latest_state(), lambda: new.load_state(saved)):
+            with pytest.raises(MissingComponentsError) as info:
+                load()
+            assert info.value.state == str(saved)
+            assert info.value.missing == ("scheduler",)
+            assert info.value.present == ("model",)
+            assert str(saved) in str(info.value)
+            assert "scheduler" in str(info.value)
+            assert model.value == b"untouched"  # nothing was handed to any component
+        assert new.load_latest_state(allow_missing=True) == saved
+        assert model.value == b"weights"
+        assert scheduler.value == b"untouched"  # absent: not called
+
+    def test_no_silent_fallback_to_an_older_state(self, states_dir: Path) -> None:
+        store = StateStore(states_dir)
+        a, b = Value(b"1"), Value(b"1")
+        store.register("a", a)
+        store.register("b", b)
+        store.save_state()  # complete, older
+        newer = StateStore(states_dir)
+        newer.register("a", Value(b"2"))
+        newest = newer.save_state()  # lacks b
+        with pytest.raises(MissingComponentsError, match="lacks registered components"):
+            store.load_latest_state()
+        assert store.load_latest_state(allow_missing=True) == newest
+
+    def test_error_pickles_with_its_fields(self) -> None:
+        error = MissingComponentsError("state /s lacks", state="/s", missing=["b"], present=["a"])
+        back = pickle.loads(pickle.dumps(error))
+        assert type(back) is MissingComponentsError
+        assert (str(back), back.state, back.missing, back.present) == (
+            "state /s lacks",
+            "/s",
+            ("b",),
+            ("a",),
+        )
+        assert isinstance(back, StatekeepError)
+
+    def test_sibling_files_count_as_the_component(self, states_dir: Path) -> None:
+        store, *_ = make_store(states_dir)
+        path = store.save_state()
+        store.load_state(path)  # model.pt and model.optim.pt are "model"
+
+
+class TestUnreadableStates:
+    """One unreadable state never stops the others; loading it directly raises a typed error."""
+
+    def fail_reads_under(
+        self, monkeypatch: pytest.MonkeyPatch, where: Path, err: int = errno.EIO
+    ) -> None:
+        real_open = os.open
+
+        def failing_open(path: object, *args: object, **kw: object) -> int:
+            if os.fspath(path).startswith(f"{where}/"):  # type: ignore[call-overload]
+                raise OSError(err, os.strerror(err), os.fspath(path))  # type: ignore[call-overload]
+            return real_open(path, *args, **kw)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(os, "open", failing_open)
+
+    @pytest.mark.parametrize("err", [errno.EIO, errno.EACCES])
+    def test_oldest_unreadable(
+        self,
+        states_dir: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture,
+        err: int,
+    ) -> None:
+        store, value, *_ = make_store(states_dir)
+        bad = store.save_state()
+        value.value = b"v2"
+        good = store.save_state()
+        self.fail_reads_under(monkeypatch, bad, err)
+        with caplog.at_level(logging.WARNING, logger="statekeep"):
+            for _ in range(3):
+                assert [i.path for i in store.list_states()] == [good]
+                assert store.latest_state() == good
+                assert store.load_latest_state() == good
+            assert LatestStatesKeeper(states_dir, max_keep=1).plan() == [bad]
+        told = [r.getMessage() for r in caplog.records if str(bad) in r.getMessage()]
+        assert len(told) == 1, told  # once per path, not per call
+        with pytest.raises(CorruptStateError, match=str(bad)):
+            store.load_state(bad)
+
+    def test_eio_in_a_file_of_the_newest_falls_back(
+        self, states_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        store, value, *_ = make_store(states_dir)
+        good = store.save_state()
+        value.value = b"v2"
+        newest = store.save_state()
+        self.fail_reads_under(monkeypatch, newest / "folder")
+        value.value = b""
+        with caplog.at_level(logging.WARNING, logger="statekeep"):
+            for _ in range(3):
+                assert store.load_latest_state() == good
+        told = [r.getMessage() for r in caplog.records if str(newest) in r.getMessage()]
+        assert len(told) == 1, told  # once per path, not per call
+        assert "Input/output error" in told[0]
+        assert "trying an older one" in told[0]
+        assert value.value == b"v1"
+        with pytest.raises(CorruptStateError, match=str(newest)):
+            store.load_state(newest)
+        assert LatestStatesKeeper(states_dir, max_keep=1).cleanup() == []
+
+    @pytest.mark.timeout(30)  # a FIFO opened for reading would block forever
+    def test_fifo_as_a_manifest(self, states_dir: Path) -> None:
+        store, *_ = make_store(states_dir)
+        good = store.save_state()
+        fifo = store.save_state()
+        (fifo / _manifest.MANIFEST_NAME).unlink()
+        os.mkfifo(fifo / _manifest.MANIFEST_NAME)
+        assert [i.path for i in store.list_states()] == [good]
+        assert store.latest_state() == good
+        assert store.load_latest_state() == good
+        for check in (store.load_state, verify_state):
+            with pytest.raises(CorruptStateError, match="not a regular file"):
+                check(fifo)
+        # No readable manifest: ordered below the good state, and it does not count.
+        assert LatestStatesKeeper(states_dir, max_keep=1).cleanup() == [fifo]
+
+
+class TestNames:
+    """A name that is another's prefix plus a dot is refused: their files could collide."""
+
+    @pytest.mark.parametrize(
+        ("first", "second"), [("model", "model.optim"), ("model.optim", "model")]
+    )
+    def test_prefix_plus_dot(self, states_dir: Path, first: str, second: str) -> None:
+        store = StateStore(states_dir)
+        store.register(first, Value())
+        with pytest.raises(ValueError, match=rf"'{second}' clashes with registered '{first}'"):
+            store.register(second, Value())
+        store.register("modelx", Value())  # no dot: no clash
+        store.register("mode", Value())
+
+    def test_save_logs_at_debug(self, states_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+        store, *_ = make_store(states_dir)
+        with caplog.at_level(logging.DEBUG, logger="statekeep"):
+            path = store.save_state()
+        [info] = store.list_states()
+        line = f"saved state {path} (sequence {info.sequence}, {info.size_bytes} bytes)"
+        assert line in caplog.text
+
+
+class Gen(PersistentStateMixin):
+    """Writes a generation number; its load tolerates a missing file (as many real ones do)."""
+
+    def __init__(self) -> None:
+        self.gen = 0
+        self.value: int | None = None
+        self.loaded_from: Path | None = None
+        self.calls = 0
+
+    def save_state(self, path: Path) -> None:
+        path.write_text(str(self.gen))
+
+    def load_state(self, path: Path) -> None:
+        self.calls += 1
+        self.loaded_from = path.parent
+        try:
+            self.value = int(path.read_text())
+        except FileNotFoundError:
+            self.value = None  # a lenient component: would keep a partial load silently
+
+
+def gen_store(states_dir: Path) -> tuple[StateStore, Gen, Gen]:
+    store = StateStore(states_dir, f"%Y-%m-%d_%H-%M-%S,%f-{threading.get_ident()}.state")
+    a, b = Gen(), Gen()
+    store.register("a", a)
+    store.register("b", b)
+    return store, a, b
+
+
+class TestLoaderRacingKeeper:
+    """A loader racing saves and a max_keep=1 keeper loads the newest state that still exists."""
+
+    LOADS = 500
+
+    def check_loads(self, states_dir: Path) -> int:
+        loader, a, b = gen_store(states_dir)
+        retried = 0
+        for _ in range(self.LOADS):
+            a.calls = b.calls = 0
+            path = loader.load_latest_state()
+            assert path is not None, "None while a committed state exists"
+            # Both components got the whole of one state, the one returned.
+            assert a.loaded_from == b.loaded_from == path
+            assert a.value is not None
+            assert a.value == b.value
+            retried += a.calls > 1
+        return retried
+
+    def test_threads(self, states_dir: Path) -> None:
+        saver, a, b = gen_store(states_dir)
+        saver.durable = False
+        saver.save_state()
+        stop = threading.Event()
+        failures: list[BaseException] = []
+
+        def save_forever() -> None:
+            try:
+                while not stop.is_set():
+                    a.gen = b.gen = a.gen + 1
+                    saver.save_state()
+            except BaseException as exc:
+                failures.append(exc)
+
+        thread = threading.Thread(target=save_forever)
+        keeper = LatestStatesKeeper(states_dir, max_keep=1, cleanup_interval=0)
+        thread.start()
+        keeper.start()
+        try:
+            self.check_loads(states_dir)
+        finally:
+            stop.set()
+            keeper.stop()
+            thread.join(30)
+        assert not thread.is_alive()
+        assert failures == []
+        assert a.gen > 0
+
+    def test_processes(self, states_dir: Path, worker_env: dict[str, str]) -> None:
+        StateStore(states_dir)
+        saver_code = (
+            "import sys, pathlib\n"
+            "from statekeep import StateStore, PersistentStateMixin\n"
+            "class G(PersistentStateMixin):\n"
+            "    gen = 0\n"
+            "    def save_state(self, path):\n"
+            "        path.write_text(str(self.gen))\n"
+            "s = StateStore(sys.argv[1], '%Y-%m-%d_%H-%M-%S,%f-p.state', durable=False)\n"
+            "a, b = G(), G()\n"
+            "s.register('a', a); s.register('b', b)\n"
+            "s.save_state(); print('ready', flush=True)\n"
+            "while True:\n"
+            "    a.gen = b.gen = a.gen + 1\n"
+            "    s.save_state()\n"
+        )
+        keeper_code = (
+            "import sys\n"
+            "from statekeep import LatestStatesKeeper\n"
+            "k = LatestStatesKeeper(sys.argv[1], max_keep=1, cleanup_interval=0)\n"
+            "print('ready', flush=True)\n"
+            "k.start(background=False)\n"
+        )
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", code, str(states_dir)],
+                stdout=subprocess.PIPE,
+                env=worker_env,
+            )
+            for code in (saver_code, keeper_code)
+        ]
+        try:
+            for proc in procs:
+                assert proc.stdout is not None
+                assert proc.stdout.readline() == b"ready\n"
+            self.check_loads(states_dir)
+            for proc in procs:
+                assert proc.poll() is None, "a worker died during the race"
+        finally:
+            for proc in procs:
+                proc.kill()
+                proc.wait(30)
+                assert proc.stdout is not None
+                proc.stdout.close()
+
+
+class TestMetadata:
+    """save_state(metadata=...) lands in the manifest; verify_state checks without loading."""
+
+    def test_round_trip_and_verify_state(self, states_dir: Path) -> None:
+        store, value, *_ = make_store(states_dir)
+        path = store.save_state(metadata={"step": 7, "loss": 0.25, "tags": ["a"]})
+        [info] = store.list_states()
+        assert info.metadata == {"step": 7, "loss": 0.25, "tags": ["a"]}
+        value.value = b"changed"
+        checked = verify_state(path)
+        assert checked == info
+        assert value.value == b"changed"  # nothing was loaded
+
+    def test_verify_state_raises_on_damage(self, states_dir: Path) -> None:
+        store, *_ = make_store(states_dir)
+        path = store.save_state()
+        os.truncate(path / "model.pt", 1)
+        with pytest.raises(CorruptStateError, match=r"model\.pt is 1 bytes"):
+            verify_state(path)
+        with pytest.raises(FileNotFoundError):
+            verify_state(states_dir / "nope.state")
+
+    @pytest.mark.parametrize(
+        ("metadata", "error", "match"),
+        [
+            ({"step": 1, "when": object()}, TypeError, "metadata\\['when'\\] is not JSON-ready"),
+            ({"loss": float("nan")}, ValueError, "metadata\\['loss'\\]"),
+            ({1: "x"}, TypeError, "metadata key 1"),
+            ({"statekeep:components": []}, ValueError, "reserved"),
+        ],
+    )
+    def test_refused_before_anything_is_written(
+        self, states_dir: Path, metadata: dict[Any, Any], error: type[Exception], match: str
+    ) -> None:
+        store, *_ = make_store(states_dir)
+        with pytest.raises(error, match=match):
+            store.save_state(metadata=metadata)
+        assert os.listdir(states_dir) == []
+
+    def test_keyword_only(self, states_dir: Path) -> None:
+        store, *_ = make_store(states_dir)
+        with pytest.raises(TypeError):
+            store.save_state({"step": 1})  # type: ignore[misc]
+
+
+class TestMissingComponentsWithoutARecord:
+    """States that did not record their components are checked by their top-level names."""
+
+    def test_state_from_an_older_statekeep(self, states_dir: Path) -> None:
+        fixture = Path(__file__).parent / "fixtures" / "v2.state"
+
+        class Pt(PersistentStateMixin):
+            data = b""
+
+            def load_state(self, path: Path) -> None:
+                self.data = path.with_name(path.name + ".pt").read_bytes()
+
+        store = StateStore(states_dir)
+        model = Pt()
+        store.register("model", model)  # the fixture holds model.pt and tree/
+        store.load_state(fixture)
+        assert model.data == (fixture / "model.pt").read_bytes()
+        store.register("scheduler", Value(b"untouched"))
+        with pytest.raises(MissingComponentsError) as info:
+            store.load_state(fixture)
+        assert info.value.missing == ("scheduler",)
+        assert info.value.present == ("model.pt", "tree")
+
+    def test_directory_without_manifest_is_not_checked(self, states_dir: Path) -> None:
+        legacy = states_dir / "legacy.state"
+        legacy.mkdir(parents=True)
+        (legacy / "a").write_bytes(b"A")
+        store = StateStore(states_dir)
+        a = Value()
+        store.register("a", a)
+        store.register("nothing", PersistentStateMixin())  # wrote nothing, as pamiq-core allows
+        store.load_state(legacy, verify=False)
+        assert a.value == b"A"

@@ -9,12 +9,14 @@ from __future__ import annotations
 from statekeep._context import ExecutionContext
 from statekeep._keeper import LatestStatesKeeper
 from statekeep._manager import StateManager
+from statekeep._order import KeepAny, KeepBest, KeepEvery, KeepLatest, RetentionPolicy, StateInfo
 from statekeep._pickle import load_pickle, save_pickle
 from statekeep._recoverable import RecoverableState
-from statekeep._store import PersistentStateMixin, StateInfo, StateStore
+from statekeep._store import PersistentStateMixin, StateStore, verify_state
 from statekeep.errors import (
     CorruptCheckpointError,
     CorruptStateError,
+    MissingComponentsError,
     StateExistsError,
     StatekeepError,
     StateValidationError,
@@ -38,10 +40,16 @@ __all__ = [
     "CorruptStateError",
     "ExecutionContext",
     "FileCheckpointStorage",
+    "KeepAny",
+    "KeepBest",
+    "KeepEvery",
+    "KeepLatest",
     "LatestStatesKeeper",
     "MemoryCheckpointStorage",
+    "MissingComponentsError",
     "PersistentStateMixin",
     "RecoverableState",
+    "RetentionPolicy",
     "SQLiteCheckpointStorage",
     "StateExistsError",
     "StateInfo",
@@ -53,4 +61,5 @@ __all__ = [
     "StorageError",
     "load_pickle",
     "save_pickle",
+    "verify_state",
 ]

@@ -4,51 +4,66 @@ from __future__ import annotations
 
 import logging
 import threading
+from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
 
-from statekeep import _atomic
-from statekeep._store import Scanned, scan_dirs
+from statekeep import _atomic, _fork, _scan
+from statekeep._order import (
+    EntryKind,
+    KeepLatest,
+    RetentionPolicy,
+    StateInfo,
+    oldest_first,
+    plan_removals,
+)
+from statekeep.errors import CorruptStateError
 
-__all__ = ["LatestStatesKeeper", "select_for_removal"]
+__all__ = ["LatestStatesKeeper"]
 
 logger = logging.getLogger("statekeep")
 
 
-def select_for_removal(states: list[Scanned], max_keep: int) -> list[Scanned]:
-    """Which of ``states`` (oldest first) go so that the newest ``max_keep`` stay.
+class _DefaultInt(int):
+    """The default of ``max_keep``: tells "left alone" from an explicit ``10``."""
 
-    ``max_keep < 0`` keeps everything; ``0`` removes everything.
-    """
-    if max_keep < 0:
-        return []
-    return states[: max(len(states) - max_keep, 0)]
+
+_DEFAULT_MAX_KEEP = _DefaultInt(10)
 
 
 class LatestStatesKeeper:
-    """Keeps only the newest ``max_keep`` state directories matching a pattern.
+    """Keeps the newest states of a directory (or those a policy chooses), pruning the rest.
 
-    Order is by the time in each state's manifest, or the directory's mtime when it
-    has none (states written by older tools). Only directories count; saves in
-    progress are invisible to it. Removal renames a state out of sight before
+    Order is the order of commits (each manifest's sequence), never the clock.
+    Directories without a manifest (older tools) are ordered by mtime among themselves,
+    below every state that has one. Only states that verify count as kept: a damaged,
+    unreadable or manifest-less directory never does, and the newest state that verifies
+    is never removed (unless ``max_keep=0``). Each state is read in full once per process
+    (then remembered by path, sequence and manifest checksum). Only directories count;
+    saves in progress are invisible to it. Removal renames a state out of sight before
     deleting it, so a crash never leaves a half-removed state that looks committed.
 
     Args:
         states_dir: the directory to prune; created (with a warning) if missing.
         state_name_pattern: a ``fnmatch`` pattern for the names of state directories.
-        max_keep: how many to keep; negative keeps all, zero removes all.
+        max_keep: how many to keep (shorthand for ``policy=KeepLatest(max_keep)``);
+            negative keeps all, zero removes all.
         cleanup_interval: seconds between background passes.
+        policy: a :class:`RetentionPolicy` deciding what to keep instead of ``max_keep``.
 
     Raises:
-        ValueError: ``cleanup_interval`` is negative, or the pattern holds a ``/``.
+        ValueError: ``cleanup_interval`` is negative, the pattern holds a ``/``, or both
+            ``policy`` and an explicit ``max_keep`` are given.
     """
 
     def __init__(
         self,
         states_dir: str | Path,
         state_name_pattern: str = "*.state",
-        max_keep: int = 10,
+        max_keep: int = _DEFAULT_MAX_KEEP,
         cleanup_interval: float = 60.0,
+        *,
+        policy: RetentionPolicy | None = None,
     ) -> None:
         if cleanup_interval < 0:
             raise ValueError(f"cleanup_interval must be >= 0, got {cleanup_interval!r}")
@@ -57,38 +72,108 @@ class LatestStatesKeeper:
                 f"state_name_pattern {state_name_pattern!r} must match names in states_dir,"
                 " not paths"
             )
+        if policy is not None and max_keep is not _DEFAULT_MAX_KEEP:
+            raise ValueError(
+                f"give max_keep ({max_keep!r}) or policy ({policy!r}), not both:"
+                f" policy=KeepLatest({max_keep!r}) | ... combines them"
+            )
+        if policy is not None and not callable(getattr(policy, "keep", None)):
+            raise TypeError(f"policy must be a RetentionPolicy, got {policy!r}")
         self.states_dir = Path(states_dir)
         self.state_name_pattern = state_name_pattern
-        self.max_keep = max_keep
+        self.max_keep = int(max_keep)
+        self.policy = policy
         self.cleanup_interval = cleanup_interval
         if not self.states_dir.is_dir():
             logger.warning("statekeep: states_dir %s does not exist; creating it", self.states_dir)
             self.states_dir.mkdir(parents=True, exist_ok=True)
+        self._infos: dict[tuple[str, int], tuple[StateInfo, int]] = {}
+        self._after_fork()
+        _fork.on_fork_child(self._after_fork)
+
+    def _after_fork(self) -> None:
+        # In a forked child no thread of the parent runs: start afresh, stopped.
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._running = False
         self._guard = threading.Lock()
 
+    def _rule(self) -> str:
+        return f"policy={self.policy!r}" if self.policy is not None else f"max_keep={self.max_keep}"
+
+    def _policy(self) -> RetentionPolicy | None:
+        if self.policy is not None:
+            return self.policy
+        return KeepLatest(self.max_keep) if self.max_keep > 0 else None
+
+    def _states(self) -> tuple[list[StateInfo], dict[Path, int | None]]:
+        """Every matching directory as a policy sees it, oldest first; and the seal of
+        each one's manifest (None: no manifest, or one that cannot be read)."""
+        infos: list[StateInfo] = []
+        seals: dict[Path, int | None] = {}
+        seen: dict[tuple[str, int], tuple[StateInfo, int]] = {}
+        for entry in oldest_first(_scan.scan(self.states_dir, self.state_name_pattern)):
+            if entry.kind is not EntryKind.STATE:
+                info = _scan.head_info(entry)
+                seal: int | None = None
+            else:
+                key = (entry.path, entry.sequence)
+                known = self._infos.get(key)
+                if known is None:
+                    try:
+                        manifest = _scan.read_manifest(entry.path)
+                    except FileNotFoundError:
+                        continue  # removed while we looked
+                    except CorruptStateError as exc:
+                        _scan.warn_once(entry.path, exc)
+                        known = None
+                    else:
+                        known = (_scan.info_of(Path(entry.path), manifest), manifest.seal)
+                if known is None:
+                    info, seal = _scan.head_info(entry), None  # ordered by its head only
+                else:
+                    seen[key] = known
+                    info, seal = known
+            infos.append(info)
+            seals[info.path] = seal
+        self._infos = seen  # forget what is gone
+        return infos, seals
+
+    def plan(self, now: datetime | None = None) -> list[Path]:
+        """What :meth:`cleanup` would remove now, oldest first; removes nothing."""
+        states, seals = self._states()
+
+        def is_good(s: StateInfo) -> bool:
+            seal = seals.get(s.path)
+            return seal is not None and _scan.verified(s.path, s.sequence, seal)
+
+        return plan_removals(
+            states,
+            self._policy(),
+            now or datetime.now(timezone.utc),
+            is_good,
+            remove_all=self.policy is None and self.max_keep == 0,
+        )
+
     def cleanup(self) -> list[Path]:
-        """Remove all but the newest ``max_keep`` matching states; return those removed.
+        """Remove what :meth:`plan` names; return those removed, oldest first.
 
         A state that cannot be removed is logged and skipped; the others still go. Each
-        pass also reclaims what killed saves left in the private folder (never a save
-        that is still running), so a long-lived process does not accumulate debris.
+        pass also reclaims what killed saves left behind (never a save that is still
+        running), so a long-lived process does not accumulate debris.
         """
         _atomic.sweep(self.states_dir)
-        states = scan_dirs(self.states_dir, self.state_name_pattern)
         removed: list[Path] = []
-        for state in select_for_removal(states, self.max_keep):
+        for path in self.plan():
             try:
-                _atomic.discard_committed(self.states_dir, state.path)
+                _atomic.discard_committed(self.states_dir, path)
             except FileNotFoundError:
                 continue  # somebody else removed it
             except OSError as exc:
-                logger.error("statekeep: could not remove state %s: %s", state.path, exc)
+                logger.error("statekeep: could not remove state %s: %s", path, exc)
                 continue
-            logger.info("statekeep: removed old state %s", state.path)
-            removed.append(state.path)
+            logger.info("statekeep: removed old state %s", path)
+            removed.append(path)
         return removed
 
     def _loop(self) -> None:
@@ -110,6 +195,12 @@ class LatestStatesKeeper:
                 return
             self._running = True
             self._stop.clear()
+            logger.info(
+                "statekeep: keeper started on %s (%s, every %ss)",
+                self.states_dir,
+                self._rule(),
+                self.cleanup_interval,
+            )
             if background:
                 self._thread = threading.Thread(
                     target=self._loop, name="statekeep-keeper", daemon=True
@@ -132,6 +223,7 @@ class LatestStatesKeeper:
         with self._guard:
             if thread is not None:
                 self._running = False
+        logger.info("statekeep: keeper stopped on %s", self.states_dir)
 
     def __enter__(self) -> LatestStatesKeeper:
         self.start()
@@ -143,4 +235,9 @@ class LatestStatesKeeper:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        """Stop, then run one last pass: what was saved inside the block is pruned too."""
         self.stop()
+        try:
+            self.cleanup()
+        except Exception:
+            logger.exception("statekeep: last cleanup of %s failed", self.states_dir)

@@ -1,21 +1,26 @@
-"""Snapshots of many objects: PersistentStateMixin, StateStore and StateInfo."""
+"""Snapshots of many objects: PersistentStateMixin and StateStore."""
 
 from __future__ import annotations
 
 import errno
-import fnmatch
 import logging
 import os
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from collections.abc import Iterator, Mapping
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
-from statekeep import _atomic, _commit, _manifest, _sequence
-from statekeep.errors import CorruptStateError, StateExistsError
+from statekeep import _atomic, _commit, _manifest, _scan, _sequence
+from statekeep._order import EntryKind, StateInfo, oldest_first
+from statekeep.errors import (
+    CorruptStateError,
+    MissingComponentsError,
+    StateExistsError,
+    StatekeepError,
+)
 
-__all__ = ["PersistentStateMixin", "StateInfo", "StateStore"]
+__all__ = ["PersistentStateMixin", "StateInfo", "StateStore", "verify_state"]
 
 logger = logging.getLogger("statekeep")
 
@@ -37,15 +42,6 @@ class PersistentStateMixin:
         """Restore this object's state from ``path``. The default does nothing."""
 
 
-@dataclass(frozen=True)
-class StateInfo:
-    """A committed snapshot: where it is, when it was committed (UTC), its payload size."""
-
-    path: Path
-    created_at: datetime
-    size_bytes: int
-
-
 def check_name(name: str, what: str = "name") -> None:
     """Reject a name that is not one plain path component.
 
@@ -61,7 +57,7 @@ def check_name(name: str, what: str = "name") -> None:
     for bad in ("/", "\\", "\0"):
         if bad in name:
             raise ValueError(f"{what} {name!r} is not allowed: it contains {bad!r}")
-    if name.startswith(_atomic.PRIVATE_DIR):
+    if _atomic.is_private(name):
         raise ValueError(
             f"{what} {name!r} is not allowed: names starting with .statekeep are reserved"
         )
@@ -74,92 +70,6 @@ def check_name(name: str, what: str = "name") -> None:
             f"{what} {name[:40]!r}... is not allowed: it is {size} bytes, a file name may be"
             f" at most {_NAME_MAX}"
         )
-
-
-@dataclass(frozen=True)
-class Scanned:
-    """A directory of the store as seen by a scan: its manifest, or why it has none."""
-
-    path: Path
-    manifest: _manifest.Manifest | None
-    problem: CorruptStateError | None
-    mtime: float
-
-    @property
-    def order(self) -> tuple[float, int, str]:
-        if self.manifest is not None:
-            return (self.manifest.created_at.timestamp(), self.manifest.sequence, self.path.name)
-        return (self.mtime, 0, self.path.name)
-
-
-def scan_dirs(states_dir: Path, match: str | None = None) -> list[Scanned]:
-    """Every directory of ``states_dir`` but the private one, oldest first."""
-    found: list[Scanned] = []
-    try:
-        it = os.scandir(states_dir)
-    except FileNotFoundError:
-        return found
-    with it:
-        for entry in it:
-            if _atomic.is_private(entry.name) or not entry.is_dir(follow_symlinks=False):
-                continue
-            if match is not None and not fnmatch.fnmatchcase(entry.name, match):
-                continue
-            path = Path(entry.path)
-            manifest = problem = None
-            try:
-                manifest = _manifest.read_manifest(path)
-            except CorruptStateError as exc:
-                problem = exc
-            except FileNotFoundError:
-                continue  # removed while we looked
-            mtime = 0.0  # only ordered by mtime when there is no manifest: stat only then
-            if manifest is None:
-                try:
-                    mtime = entry.stat(follow_symlinks=False).st_mtime
-                except FileNotFoundError:
-                    continue
-            found.append(Scanned(path, manifest, problem, mtime))
-    found.sort(key=lambda s: s.order)
-    return found
-
-
-def newest_committed(root: str) -> Path | None:
-    """The newest directory of ``root`` with a valid manifest (as :func:`scan_dirs` orders).
-
-    Orders by the head of each manifest only (no full parse of every one), then reads
-    the candidates' whole manifests newest first until one is valid: the answer is the
-    same as the last of a full scan's states that have a manifest.
-    """
-    heads: list[tuple[float, int, str]] = []
-    rest: list[str] = []  # manifests whose head is not laid out as statekeep writes it
-    try:
-        it = os.scandir(root)
-    except FileNotFoundError:
-        return None
-    with it:
-        for entry in it:
-            if _atomic.is_private(entry.name) or not entry.is_dir(follow_symlinks=False):
-                continue
-            order = _manifest.read_order(entry.path)
-            if order is None:
-                rest.append(entry.name)
-            else:
-                heads.append((order[0], order[1], entry.name))
-    for name in rest:  # rare: parse these fully to place them
-        try:
-            m = _manifest.read_manifest(f"{root}/{name}")
-        except (CorruptStateError, FileNotFoundError):
-            continue
-        heads.append((m.created_at.timestamp(), m.sequence, name))
-    heads.sort()
-    for *_, name in reversed(heads):
-        try:
-            _manifest.read_manifest(f"{root}/{name}")
-        except (CorruptStateError, FileNotFoundError):
-            continue
-        return Path(root, name)
-    return None
 
 
 class StateStore:
@@ -193,84 +103,237 @@ class StateStore:
 
         Raises:
             KeyError: ``name`` is already registered.
-            ValueError: ``name`` is not a plain file name.
+            ValueError: ``name`` is not a plain file name, or it is another registered
+                name plus a dot and more (``model`` and ``model.optim``): the files one
+                writes beside its path could be the other's.
         """
         check_name(name, "state name")
         with self._lock:
             if name in self._states:
                 raise KeyError(f"state name {name!r} is already registered")
+            for other in self._states:
+                if name.startswith(other + ".") or other.startswith(name + "."):
+                    raise ValueError(
+                        f"state name {name!r} clashes with registered {other!r}: a component"
+                        " may write files beside its path named <name>.<anything>"
+                    )
             self._states[name] = state
 
     def _components(self) -> Iterator[tuple[str, PersistentStateMixin]]:
         with self._lock:
             return iter(list(self._states.items()))
 
-    def save_state(self) -> Path:
+    def save_state(self, *, metadata: Mapping[str, Any] | None = None) -> Path:
         """Save every component into a new state directory and return its path.
 
         The state is built privately and becomes visible in one rename, complete.
 
+        Args:
+            metadata: JSON-ready values (a step, a loss) recorded in the manifest and
+                shown by :meth:`list_states` and :func:`verify_state`.
+
         Raises:
             StateExistsError: a state with the same name is already committed.
+            TypeError: ``metadata`` is not a mapping of str keys to JSON-ready values
+                (checked before anything is written; the message names the key).
         """
+        meta = _check_metadata(metadata)
+        components = list(self._components())
+        meta[_scan.components_key] = [c for c, _ in components]
         name = datetime.now().strftime(self.state_name_format)
         check_name(name, "state_name_format produced")
         final = f"{self._root}/{name}"  # str until the end: pathlib costs add up here
         if os.path.lexists(final):
             raise StateExistsError(errno.EEXIST, f"state {final} already exists", final)
         with _commit.BuildDir(self._root, durable=self.durable, counter=self._counter) as b:
-            for component, state in self._components():
+            for component, state in components:
                 state.save_state(b.path / component)
-            b.commit(final)
+            manifest = b.commit(final, metadata=meta)
+        logger.debug(
+            "statekeep: saved state %s (sequence %d, %d bytes)",
+            final,
+            manifest.sequence,
+            manifest.size_bytes,
+        )
         return self.states_dir / name
 
-    def load_state(self, state_path: str | Path, *, verify: bool = True) -> None:
+    def load_state(
+        self, state_path: str | Path, *, verify: bool = True, allow_missing: bool = False
+    ) -> None:
         """Restore every registered component from ``state_path``.
+
+        Before any component is called, the state's manifest must name every registered
+        component; ``allow_missing=True`` loads it anyway and skips the components it
+        does not hold (a program that has gained a component loading an older state).
+        A directory without a manifest (an older tool's, loaded with ``verify=False``)
+        has nothing to check against: every component is called.
 
         Raises:
             FileNotFoundError: ``state_path`` does not exist.
-            CorruptStateError: with ``verify``, the state does not match its manifest.
+            CorruptStateError: with ``verify``, the state does not match its manifest, or
+                it cannot be read (a permission, an I/O error, a special file).
+            MissingComponentsError: the state lacks registered components (and not
+                ``allow_missing``); no component was called.
         """
         root = os.fspath(state_path)  # str for our own reads; Path only for components
         if verify:
-            _manifest.verify(root)  # raises FileNotFoundError itself: no stat needed first
-        elif not os.path.isdir(root):
-            raise FileNotFoundError(f"state {root} does not exist")
+            manifest: _manifest.Manifest | None = _manifest.verify(root)
+        else:
+            try:
+                manifest = _scan.read_manifest(root)
+            except CorruptStateError:
+                if not os.path.isdir(root):
+                    raise FileNotFoundError(f"state {root} does not exist") from None
+                manifest = None  # an older tool's state: nothing to check the names against
+        components = list(self._components())
+        missing = [] if manifest is None else _missing(manifest, [c for c, _ in components])
+        if missing and not allow_missing and manifest is not None:
+            present = _present(manifest)
+            raise MissingComponentsError(
+                f"state {root} lacks registered components {missing}; it holds {present}"
+                " (load_state(..., allow_missing=True) loads it without them)",
+                state=root,
+                missing=missing,
+                present=present,
+            )
         path = Path(root)
-        for component, state in self._components():
-            state.load_state(path / component)
+        for component, state in components:
+            if component not in missing:
+                state.load_state(path / component)
 
     def list_states(self) -> list[StateInfo]:
-        """Committed states (directories with a readable manifest), oldest first."""
-        return [
-            StateInfo(
-                s.path,
-                s.manifest.created_at.astimezone(timezone.utc),
-                s.manifest.size_bytes,
-            )
-            for s in scan_dirs(self.states_dir)
-            if s.manifest is not None
-        ]
+        """Committed states (directories with a readable manifest), oldest first.
+
+        Order is the order of commits (the sequence), whatever the clock said. A
+        state whose manifest cannot be read is left out and logged once.
+        """
+        infos: list[StateInfo] = []
+        for entry in oldest_first(_scan.scan(self._root)):
+            if entry.kind is not EntryKind.STATE:
+                continue
+            try:
+                infos.append(_scan.info_of(Path(entry.path), _scan.read_manifest(entry.path)))
+            except FileNotFoundError:
+                continue  # removed while we looked
+            except CorruptStateError as exc:
+                _scan.warn_once(entry.path, exc)
+        return infos
 
     def latest_state(self) -> Path | None:
-        """The newest committed state, or None."""
-        return newest_committed(self._root)
+        """The newest committed state (highest sequence with a readable manifest), or None."""
+        for entry in reversed(oldest_first(_scan.scan(self._root))):
+            if entry.kind is not EntryKind.STATE:
+                break  # unsequenced entries are all ordered below the states
+            try:
+                _scan.read_manifest(entry.path)
+            except FileNotFoundError:
+                continue
+            except CorruptStateError as exc:
+                _scan.warn_once(entry.path, exc)
+                continue
+            return Path(entry.path)
+        return None
 
-    def load_latest_state(self) -> Path | None:
+    def load_latest_state(self, *, allow_missing: bool = False) -> Path | None:
         """Load the newest state that verifies; return its path, or None if none does.
 
         Each newer state that fails verification is skipped with a warning saying why.
+        If the state being loaded disappears (a keeper pruned it), the directory is
+        scanned again and the whole load starts over on the newest state that still
+        exists, so no component keeps part of a state that vanished.
+
+        Raises:
+            MissingComponentsError: the newest state that verifies lacks registered
+                components (never skipped silently; pass ``allow_missing=True``).
         """
-        for scanned in reversed(scan_dirs(self.states_dir)):
-            try:
-                if scanned.problem is not None:
-                    raise scanned.problem
-                self.load_state(scanned.path, verify=True)
-            except CorruptStateError as exc:
-                # The error names the state and the file; say what we do about it.
-                logger.warning("statekeep: skipping state: %s; trying an older one", exc)
+        bad: set[str] = set()
+        seen: list[str] | None = None
+        for _ in range(_MAX_RESCANS):
+            vanished = False
+            entries = oldest_first(_scan.scan(self._root))
+            for entry in reversed(entries):
+                if entry.kind is not EntryKind.STATE:
+                    break
+                if entry.path in bad:
+                    continue
+                try:
+                    self.load_state(entry.path, verify=True, allow_missing=allow_missing)
+                except MissingComponentsError:
+                    raise
+                except CorruptStateError as exc:
+                    if not os.path.isdir(entry.path):
+                        vanished = True
+                        break
+                    bad.add(entry.path)
+                    # The error names the state and the file; say what we do about it, once.
+                    _scan.warn_once(entry.path, exc, "skipping %s (%s); trying an older one")
+                    continue
+                except Exception:
+                    if os.path.isdir(entry.path):
+                        raise  # the component's own error, on a state that is still there
+                    vanished = True
+                    break
+                if not os.path.isdir(entry.path):
+                    vanished = True  # pruned under the components: load the whole again
+                    break
+                return Path(entry.path)
+            if vanished:
                 continue
-            except FileNotFoundError:
-                continue  # pruned while we looked
-            return scanned.path
-        return None
+            # A listing taken while states are renamed in and out may miss both the state
+            # that went and the one that came (readdir promises nothing about entries
+            # changed under it): "nothing loadable" stands only when a second listing
+            # agrees with the first.
+            listing = [e.path for e in entries]
+            if listing == seen:
+                return None
+            seen = listing
+        raise StatekeepError(
+            f"states in {self._root} kept vanishing while loading ({_MAX_RESCANS} attempts)"
+        )
+
+
+_MAX_RESCANS = 10_000
+
+
+def _recorded(manifest: _manifest.Manifest) -> list[str] | None:
+    """The components the store recorded at save time (None for states saved before)."""
+    names = manifest.metadata.get(_scan.components_key)
+    if isinstance(names, list) and all(isinstance(n, str) for n in names):
+        return names
+    return None
+
+
+def _present(manifest: _manifest.Manifest) -> list[str]:
+    recorded = _recorded(manifest)
+    if recorded is not None:
+        return recorded
+    return sorted({e.path.split("/", 1)[0] for e in manifest.entries})
+
+
+def _missing(manifest: _manifest.Manifest, registered: list[str]) -> list[str]:
+    """Registered components the state does not hold (a component that wrote nothing is
+    held if the store recorded it; before that, by the top-level names it wrote)."""
+    recorded = _recorded(manifest)
+    if recorded is not None:
+        return [c for c in registered if c not in recorded]
+    tops = {e.path.split("/", 1)[0] for e in manifest.entries}
+    return [c for c in registered if not any(t == c or t.startswith(c + ".") for t in tops)]
+
+
+def _check_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A copy of ``metadata`` once it is known to encode as JSON (the key is reserved)."""
+    checked = _manifest.check_metadata(metadata)
+    if _scan.components_key in checked:
+        raise ValueError(f"metadata key {_scan.components_key!r} is reserved for statekeep")
+    return checked
+
+
+def verify_state(path: str | Path) -> StateInfo:
+    """Check a state against its manifest without loading it; return its listing.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CorruptStateError: any file differs from the manifest, or cannot be read.
+    """
+    root = os.fspath(path)
+    return _scan.info_of(Path(root), _manifest.verify(root))

@@ -7,6 +7,7 @@ exception a caller would already catch::
     ├── StateExistsError(StatekeepError, FileExistsError)
     ├── CorruptStateError(StatekeepError, ValueError)       a snapshot failed verification
     ├── CorruptCheckpointError(StatekeepError, ValueError)  a checkpoint could not be read
+    ├── MissingComponentsError(StatekeepError)              a snapshot lacks registered components
     ├── StorageError(StatekeepError, OSError)               the backend failed
     └── StateValidationError(StatekeepError, ValueError)    a persisted state does not fit its model
         └── StateVersionError                               ...its schema version cannot be migrated
@@ -17,9 +18,12 @@ boundaries (``multiprocessing``, ``concurrent.futures``) intact.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 __all__ = [
     "CorruptCheckpointError",
     "CorruptStateError",
+    "MissingComponentsError",
     "StateExistsError",
     "StateValidationError",
     "StateVersionError",
@@ -42,6 +46,30 @@ class CorruptStateError(StatekeepError, ValueError):
 
 class CorruptCheckpointError(StatekeepError, ValueError):
     """A checkpoint exists but could not be read back intact."""
+
+
+class MissingComponentsError(StatekeepError):
+    """A snapshot does not hold every registered component; no component was loaded.
+
+    Attributes:
+        state: the snapshot's path.
+        missing: the registered components it lacks.
+        present: the components (or, for a snapshot that did not record them, the
+            top-level names) it holds.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        state: str | None = None,
+        missing: Sequence[str] = (),
+        present: Sequence[str] = (),
+    ) -> None:
+        super().__init__(message)
+        self.state = state
+        self.missing = tuple(missing)
+        self.present = tuple(present)
 
 
 class StorageError(StatekeepError, OSError):
