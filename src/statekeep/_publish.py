@@ -18,6 +18,8 @@ local save (:mod:`statekeep._atomic`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import fnmatch
 import io
 import logging
 import os
@@ -30,8 +32,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from statekeep import _atomic, _checksum, _fork, _manifest, _sequence
+from statekeep import _atomic, _checksum, _fork, _manifest, _scan, _sequence
 from statekeep._manifest import MANIFEST_NAME, Entry, Manifest
+from statekeep._order import RetentionPolicy, StateInfo, plan_removals
 from statekeep.errors import CorruptStateError, StateExistsError, StorageError
 from statekeep.remote._base import Remote, check_key
 
@@ -39,6 +42,7 @@ __all__ = [
     "Publisher",
     "RemoteCounter",
     "RemoteState",
+    "by_policy",
     "claim_sequence",
     "keep_latest",
     "prune_remote",
@@ -506,6 +510,19 @@ class Publisher:
             self._checked = True
         return published
 
+    def listing(self, local: list[StateInfo]) -> list[StateInfo]:
+        """``local`` (a store's states) merged with the remote's, by sequence, each
+        saying where it lives; a remote-only state's path is where it would be pulled."""
+        infos = {info.path.name: info for info in local}
+        for rs in self.states():
+            info = infos.get(rs.name)
+            if info is not None:
+                infos[rs.name] = dataclasses.replace(info, location="both")
+            else:
+                info = _scan.info_of(Path(self.root, rs.name), rs.manifest)
+                infos[rs.name] = dataclasses.replace(info, location="remote")
+        return sorted(infos.values(), key=lambda i: (i.sequence, i.path.name))
+
     def pull(self, rs: RemoteState) -> Path:
         """Bring ``rs`` into the states directory (see :func:`restore_state`)."""
         return restore_state(self.remote, rs, self.root, durable=self.durable)
@@ -550,6 +567,24 @@ def keep_latest(max_keep: int) -> Chooser:
             newest_good = next((rs for rs in reversed(states) if verifies(rs)), None)
             doomed = [rs for rs in doomed if rs is not newest_good]
         return [rs.name for rs in doomed]
+
+    return choose
+
+
+def by_policy(
+    policy: RetentionPolicy | None, pattern: str, now: datetime, *, remove_all: bool = False
+) -> Chooser:
+    """A chooser applying the local keeper's rules (:func:`statekeep._order.plan_removals`)
+    to the remote states whose names match ``pattern``."""
+
+    def choose(states: list[RemoteState], verifies: Callable[[RemoteState], bool]) -> list[str]:
+        states = [rs for rs in states if fnmatch.fnmatchcase(rs.name, pattern)]
+        infos = [_scan.info_of(Path(rs.name), rs.manifest) for rs in states]
+        by_name = {rs.name: rs for rs in states}
+        paths = plan_removals(
+            infos, policy, now, lambda i: verifies(by_name[i.path.name]), remove_all=remove_all
+        )
+        return [p.name for p in paths]
 
     return choose
 

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 from statekeep.remote._base import Remote, RemoteObject, Source, check_key
 from statekeep.remote._directory import DirectoryRemote
@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 
-def open_remote(url_or_path: str | Path | Remote) -> Remote:
+def open_remote(url_or_path: str | os.PathLike[str] | Remote) -> Remote:
     """A :class:`Remote` for ``s3://bucket/prefix``, a ``file://`` URL or a local path.
 
     A :class:`Remote` passed in is returned as it is.
@@ -33,7 +33,7 @@ def open_remote(url_or_path: str | Path | Remote) -> Remote:
     Raises:
         ValueError: the URL's scheme is not one statekeep knows.
     """
-    if isinstance(url_or_path, Path):
+    if isinstance(url_or_path, os.PathLike):
         return DirectoryRemote(url_or_path)
     if not isinstance(url_or_path, str):
         if isinstance(url_or_path, Remote):
