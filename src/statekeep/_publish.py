@@ -512,13 +512,17 @@ class Publisher:
 
     def listing(self, local: list[StateInfo]) -> list[StateInfo]:
         """``local`` (a store's states) merged with the remote's, by sequence, each
-        saying where it lives; a remote-only state's path is where it would be pulled."""
+        saying where it lives; a remote-only state's path is where it would be pulled.
+
+        A remote state whose name is taken locally by something that is not a listed
+        state (a damaged one) is left out, as :meth:`pull_newest` leaves it alone.
+        """
         infos = {info.path.name: info for info in local}
         for rs in self.states():
             info = infos.get(rs.name)
             if info is not None:
                 infos[rs.name] = dataclasses.replace(info, location="both")
-            else:
+            elif not os.path.lexists(f"{self.root}/{rs.name}"):
                 info = _scan.info_of(Path(self.root, rs.name), rs.manifest)
                 infos[rs.name] = dataclasses.replace(info, location="remote")
         return sorted(infos.values(), key=lambda i: (i.sequence, i.path.name))
