@@ -45,9 +45,6 @@ __all__ = [
 ]
 
 
-checked: list[str] = []
-
-
 @pytest.fixture(autouse=True, params=["directory", "s3"])
 def with_remote(
     request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -87,5 +84,4 @@ def with_remote(
         except (statekeep.CorruptStateError, FileNotFoundError, NotADirectoryError):
             continue
         assert path.name in by_name, f"{path} was not published"
-        if by_name[path.name].raw == (path / _manifest.MANIFEST_NAME).read_bytes():
-            checked.append(path.name)
+        assert by_name[path.name].raw == (path / _manifest.MANIFEST_NAME).read_bytes()
