@@ -84,8 +84,6 @@ def with_remote(
         except (statekeep.CorruptStateError, FileNotFoundError, NotADirectoryError):
             continue
         assert path.name in by_name, f"{path} was not published"
-        remote_manifest = by_name[path.name].manifest  # the same state (a test may re-lay
-        assert (remote_manifest.sequence, remote_manifest.entries) == (  # out its manifest)
-            local.sequence,
-            local.entries,
-        )
+        # The same state; compared by content, as a test may re-lay out a local manifest.
+        theirs = by_name[path.name].manifest
+        assert (theirs.sequence, theirs.entries) == (local.sequence, local.entries)

@@ -183,11 +183,11 @@ def run_campaign(
     return run
 
 
-def assert_campaign(run: Campaign, remote: Remote, kills: int) -> None:
+def assert_campaign(run: Campaign, remote: Remote, kills: int, min_mid: int) -> None:
     assert run.failures == [], "\n".join(run.failures[:20])
     assert run.kills == kills
     assert run.returned_checked > 0
-    assert run.mid_publish >= kills // 10, "too few kills landed between commit and publish"
+    assert run.mid_publish >= min_mid, "too few kills landed between commit and publish"
     assert run.pending_published > 0
     # The keeper's sweep (grace 0) reclaims every file a killed publisher left unpublished.
     states, _ = _publish.read_remote_states(remote)
@@ -207,7 +207,7 @@ class TestKillDuringPublish:
         remote = DirectoryRemote(url)
         run = run_campaign(url, remote, tmp_path, worker_env, DIRECTORY_KILLS)
         crash_report.append(run.summary("publish to a directory"))
-        assert_campaign(run, remote, DIRECTORY_KILLS)
+        assert_campaign(run, remote, DIRECTORY_KILLS, DIRECTORY_KILLS // 10)
 
     def test_s3_remote(
         self,
@@ -220,7 +220,7 @@ class TestKillDuringPublish:
         url = f"s3://{s3_bucket}/crash"
         env = {**worker_env, **s3_server.env()}
         remote = S3Remote(url, client=s3_server.client())
-        # A child makes its boto3 client first (~0.1 s): kills land later.
-        run = run_campaign(url, remote, tmp_path, env, S3_KILLS, scale=8.0)
+        # A request to SeaweedFS takes milliseconds: kills land later.
+        run = run_campaign(url, remote, tmp_path, env, S3_KILLS, scale=4.0)
         crash_report.append(run.summary("publish to SeaweedFS"))
-        assert_campaign(run, remote, S3_KILLS)
+        assert_campaign(run, remote, S3_KILLS, 2)  # seen: 3 to 17 of 30

@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import random
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from statekeep.remote import Remote
 
 try:
     from crashworkers._zygote import emit, serve
@@ -24,12 +28,11 @@ except ImportError:  # run as a script, with this folder on sys.path
     from snapshot_worker import write_file  # type: ignore[no-redef]
 
 
-def save_loop(states_dir: str, remote_url: str, base: int, seed: int, durable: bool) -> None:
+def save_loop(states_dir: str, remote: Remote, base: int, seed: int, durable: bool) -> None:
     from statekeep import _commit, _publish
-    from statekeep.remote import open_remote
 
     rng = random.Random(seed)
-    publisher = _publish.Publisher(open_remote(remote_url), states_dir, durable=durable)
+    publisher = _publish.Publisher(remote, states_dir, durable=durable)
     counter = publisher.counter()
     for gen in range(base, base + 100_000):
         final = f"{states_dir}/{gen}.state"
@@ -63,13 +66,13 @@ def writer(states_dir: str, remote_url: str, tag: str, count: int) -> None:
 
 
 def zygote(states_dir: str, remote_url: str) -> None:
-    import statekeep._publish
-    import statekeep.remote  # noqa: F401  (imported once, before forking)
+    import statekeep._publish  # noqa: F401  (imported once, before forking)
+    from statekeep.remote import open_remote
 
-    if remote_url.startswith("s3://"):
-        import boto3  # noqa: F401
-
-    serve(lambda base, seed, durable: save_loop(states_dir, remote_url, base, seed, durable))
+    # Made once, before forking: a boto3 client opens no connection until its first
+    # request, which each child makes itself (the zygote never uses it).
+    remote = open_remote(remote_url)
+    serve(lambda base, seed, durable: save_loop(states_dir, remote, base, seed, durable))
 
 
 if __name__ == "__main__":
