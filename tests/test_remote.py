@@ -291,3 +291,36 @@ class TestPublicFace:
         changelog = CHANGELOG.read_text(encoding="utf-8")
         for name in ("Remote", "S3Remote", "DirectoryRemote", "open_remote"):
             assert f"`{name}" in changelog or f"{name}(" in changelog, name
+
+
+class TestFork:
+    """An S3Remote that made its own client makes a new one in a forked child."""
+
+    def test_child_gets_its_own_client(
+        self, s3_server: Any, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The child lists through a client of its own; the parent's stays usable."""
+        for key, value in s3_server.env().items():
+            monkeypatch.setenv(key, value)
+        remote = S3Remote(f"s3://{s3_bucket}/fork")
+        put(remote, "k", b"parent")
+        parent_client = remote.client
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports through the pipe
+            code = 1
+            try:
+                ok = remote.client is not parent_client and remote.get("k") == b"parent"
+                code = 0 if ok else 2
+            finally:
+                os.write(w, bytes([code]))
+                os._exit(0)
+        os.close(w)
+        try:
+            _, status = os.waitpid(pid, 0)
+            assert os.read(r, 1) == b"\x00"
+        finally:
+            os.close(r)
+        assert os.WEXITSTATUS(status) == 0
+        assert remote.client is parent_client
+        assert remote.get("k") == b"parent"

@@ -18,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from typing import Any, NoReturn
 
+from statekeep import _fork
 from statekeep.errors import StateExistsError, StorageError
 from statekeep.remote._base import RemoteObject, Source, check_key
 
@@ -82,14 +83,29 @@ class S3Remote:
             raise ImportError("S3Remote needs boto3: pip install statekeep[s3]") from exc
         self._client_error = botocore.exceptions.ClientError
         self._boto_error = botocore.exceptions.BotoCoreError
-        if client is None:
-            import boto3  # type: ignore[import-untyped,unused-ignore]
-            import botocore.config  # type: ignore[import-untyped,unused-ignore]
+        self._own_client = client is None
+        self._client = client if client is not None else self._new_client()
+        if self._own_client:
+            _fork.on_fork_child(self._forget_client)
 
-            client = boto3.client(
-                "s3", config=botocore.config.Config(max_pool_connections=4 * self.max_in_flight)
-            )
-        self.client = client
+    def _new_client(self) -> Any:
+        import boto3  # type: ignore[import-untyped,unused-ignore]
+        import botocore.config  # type: ignore[import-untyped,unused-ignore]
+
+        config = botocore.config.Config(max_pool_connections=4 * self.max_in_flight)
+        return boto3.client("s3", config=config)
+
+    def _forget_client(self) -> None:
+        # A forked child must not share the parent's connections: it makes its own client
+        # on first use (not here: a fork handler takes no locks the parent may hold).
+        self._client = None
+
+    @property
+    def client(self) -> Any:
+        """The boto3 client (one made by this remote is remade in a forked child)."""
+        if self._client is None:
+            self._client = self._new_client()
+        return self._client
 
     def __repr__(self) -> str:
         return f"S3Remote({self.url!r})"
