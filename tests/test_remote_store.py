@@ -219,3 +219,24 @@ class TestDocs:
             for k, v in request.getfixturevalue("s3_server").env().items():
                 monkeypatch.setenv(k, v)
         assert lose_the_machine.main(url) == 3
+
+
+class TestKeeperRemoteDown:
+    """A remote that fails does not stop the keeper's local pass, and is logged."""
+
+    def test_local_pass_still_runs(self, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        remote = DirectoryRemote(tmp_path / "remote")
+        store, value = store_with(tmp_path / "m1", remote, state_name_format="s%f.state")
+        for i in range(3):
+            value.value = i
+            store.save_state()
+
+        def down(prefix: str, *, start_after: str = "") -> Any:
+            raise StorageError("injected: the remote is down")
+
+        remote.list = down  # type: ignore[method-assign]
+        keeper = LatestStatesKeeper(tmp_path / "m1", "s*.state", max_keep=1, remote=remote)
+        with caplog.at_level(logging.ERROR, "statekeep"):
+            assert len(keeper.cleanup()) == 2
+        assert "could not prune" in caplog.text
+        assert "injected" in caplog.text

@@ -18,7 +18,7 @@ from statekeep._order import (
     oldest_first,
     plan_removals,
 )
-from statekeep.errors import CorruptStateError
+from statekeep.errors import CorruptStateError, StorageError
 from statekeep.remote import Remote, open_remote
 
 __all__ = ["LatestStatesKeeper"]
@@ -188,7 +188,10 @@ class LatestStatesKeeper:
                 datetime.now(timezone.utc),
                 remove_all=self.policy is None and self.max_keep == 0,
             )
-            _publish.prune_remote(self.remote, choose=choose)
+            try:
+                _publish.prune_remote(self.remote, choose=choose)
+            except StorageError as exc:  # the local pass is done; the next pass retries
+                logger.error("statekeep: could not prune %r: %s", self.remote, exc)
         return removed
 
     def _loop(self) -> None:
