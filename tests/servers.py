@@ -26,8 +26,6 @@ import uuid
 from pathlib import Path
 from typing import Any, NoReturn
 
-import pytest
-
 HOST = "127.0.0.1"
 START_TIMEOUT = 30.0  # seconds; SeaweedFS is ready in ~1.2 s, PostgreSQL in ~1 s here
 
@@ -38,6 +36,8 @@ class ServerUnavailable(RuntimeError):
 
 def unavailable(reason: str) -> NoReturn:
     """Fail under CI=true, skip otherwise: a missing server must not pass silently in CI."""
+    import pytest  # here, not at the top: the benchmarks use this module without pytest
+
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"test server unavailable: {reason}", pytrace=False)
     pytest.skip(f"test server unavailable: {reason}")
@@ -151,13 +151,28 @@ class S3Server:
                 raise ServerUnavailable(f"weed exited with {self.proc.returncode}: {self.tail()}")
             if _port_open(self.port):
                 try:
-                    probe.list_buckets()
+                    self._probe(probe)
                     return
                 except Exception as exc:  # not ready yet: any error, retried until deadline
                     last = exc
             time.sleep(0.1)
         self.stop()
         raise ServerUnavailable(f"SeaweedFS not ready in {START_TIMEOUT}s ({last}): {self.tail()}")
+
+    def _probe(self, client: Any) -> None:
+        # list_buckets answers before the volume servers have registered (after a restart,
+        # reads of older objects then fail with InternalError): wait until an object
+        # written at the first start reads back, and a new one writes and reads
+        names = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+        if "statekeep-ready" not in names:
+            client.create_bucket(Bucket="statekeep-ready")
+            client.put_object(Bucket="statekeep-ready", Key="first", Body=b"ok")
+        for bucket in names:  # every bucket is a collection with volumes of its own
+            listed = client.list_objects_v2(Bucket=bucket, MaxKeys=1).get("Contents", [])
+            for item in listed:
+                client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+        client.put_object(Bucket="statekeep-ready", Key="again", Body=b"ok")
+        client.get_object(Bucket="statekeep-ready", Key="again")["Body"].read()
 
     def tail(self) -> str:
         with contextlib.suppress(OSError):
@@ -176,7 +191,9 @@ class S3Server:
             self.proc.terminate()
             _wait_gone(self.proc)
 
-    def client(self, *, connect_timeout: float = 2, read_timeout: float = 10) -> Any:
+    def client(
+        self, *, connect_timeout: float = 2, read_timeout: float = 10, pool: int = 10
+    ) -> Any:
         """A boto3 S3 client for this server: short timeouts, no retry storm."""
         import boto3
         from botocore.config import Config
@@ -192,6 +209,7 @@ class S3Server:
                 read_timeout=read_timeout,
                 retries={"max_attempts": 2, "mode": "standard"},
                 s3={"addressing_style": "path"},
+                max_pool_connections=pool,
             ),
         )
 
@@ -360,7 +378,6 @@ def start_postgres() -> PostgresServer:
 
 
 def discard(server: S3Server | PostgresServer) -> None:
-    """Stop a server, wait for it, and remove its directory."""
-    server.stop()
-    server.kill()  # whatever the shutdown left running
+    """Kill a server (its data is thrown away: no need for a clean shutdown), and wait."""
+    server.kill()
     shutil.rmtree(server.dir, ignore_errors=True)

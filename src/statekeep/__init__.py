@@ -24,16 +24,20 @@ from statekeep.errors import (
     StorageError,
 )
 from statekeep.storage import (
+    BaseCheckpointStorage,
     CheckpointInfo,
     CheckpointStorage,
     FileCheckpointStorage,
     MemoryCheckpointStorage,
+    PostgresCheckpointStorage,
+    S3CheckpointStorage,
     SQLiteCheckpointStorage,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BaseCheckpointStorage",
     "CheckpointInfo",
     "CheckpointStorage",
     "CorruptCheckpointError",
@@ -48,8 +52,10 @@ __all__ = [
     "MemoryCheckpointStorage",
     "MissingComponentsError",
     "PersistentStateMixin",
+    "PostgresCheckpointStorage",
     "RecoverableState",
     "RetentionPolicy",
+    "S3CheckpointStorage",
     "SQLiteCheckpointStorage",
     "StateExistsError",
     "StateInfo",
