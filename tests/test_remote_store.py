@@ -158,8 +158,19 @@ class TestKeeperWithRemote:
 class TestFreshProcess:
     """Restore on a fresh machine (new dir, new process) gives exactly the last save."""
 
-    def test_new_process(self, tmp_path: Path, worker_env: dict[str, str]) -> None:
+    @pytest.mark.parametrize("kind", ["directory", "s3"])
+    def test_new_process(
+        self,
+        tmp_path: Path,
+        worker_env: dict[str, str],
+        kind: str,
+        request: pytest.FixtureRequest,
+    ) -> None:
         remote = str(tmp_path / "remote")
+        extra: dict[str, str] = {}
+        if kind == "s3":
+            remote = f"s3://{request.getfixturevalue('s3_bucket')}/fresh"
+            extra = request.getfixturevalue("s3_server").env()
         code = (
             "import json, sys\n"
             "from statekeep import StateStore\n"
@@ -176,7 +187,7 @@ class TestFreshProcess:
             "    p = store.load_latest_state()\n"
             "    print(p.name, json.dumps(v.value))\n"
         )
-        env = {**worker_env, "PYTHONPATH": f"{ROOT / 'src'}"}
+        env = {**worker_env, **extra, "PYTHONPATH": f"{ROOT / 'src'}"}
         tests = str(ROOT / "tests")
         saved = subprocess.run(
             [sys.executable, "-c", code, str(tmp_path / "a"), remote, tests, "save"],
