@@ -29,8 +29,6 @@ from statekeep._manifest import MANIFEST_NAME
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "src"
 TIMEOUT = 60  # seconds for one command: a hang fails the test instead of stalling it
-HAS_POLICIES = hasattr(statekeep, "KeepBest")
-HAS_METADATA = "metadata" in statekeep.StateStore.save_state.__code__.co_varnames
 
 
 def _env() -> dict[str, str]:
@@ -537,14 +535,13 @@ class TestPrune:
         usage_error(run("prune", states.parent / "nope", "--keep", "1"), "no such")
         assert sorted(os.listdir(states)) == before
 
-    @pytest.mark.skipif(not HAS_POLICIES, reason="retention policies have not landed yet")
     def test_policy_keeps_best_and_newest(self, tmp_path: Path) -> None:
         root = tmp_path / "states"
         store = statekeep.StateStore(root, durable=False)
         store.register("model", Blob(10))
         for step, loss in enumerate([0.9, 0.2, 0.5, 0.1, 0.7, 0.8], 1):
             store.state_name_format = f"step-{step}.state"
-            store.save_state(metadata={"step": step, "loss": loss})  # type: ignore[call-arg]
+            store.save_state(metadata={"step": step, "loss": loss})
         done = run("prune", root, "--policy", "best:loss:2,last:1", "--json")
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout)["kept"] == ["step-2.state", "step-4.state", "step-6.state"]
@@ -724,7 +721,6 @@ def _play(body: str, cwd: Path, status: list[int]) -> str:
     return "".join(out)
 
 
-@pytest.mark.skipif(not HAS_METADATA, reason="save_state(metadata=) has not landed yet")
 def test_the_session_in_the_docs_is_what_the_command_prints(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

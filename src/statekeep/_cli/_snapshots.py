@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import os
-import stat
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from statekeep import _manifest
+from statekeep import _scan as scanner
 from statekeep._atomic import is_private
 from statekeep._cli import _compat
 from statekeep._cli._common import (
@@ -29,6 +29,8 @@ from statekeep._cli._common import (
     os_problem,
     table,
 )
+from statekeep._order import Entry, EntryKind
+from statekeep._store import verify_state
 from statekeep.errors import CorruptStateError
 
 MANIFEST = _manifest.MANIFEST_NAME
@@ -74,11 +76,11 @@ class Scanned:
 
     @property
     def key(self) -> tuple[int, float, str]:
-        """Commit order, as the store's: states by sequence after those without a manifest
-        (by mtime); ties by name."""
+        """Commit order, as the store's (:mod:`statekeep._order`): states by sequence, after
+        the directories without a readable manifest (by mtime)."""
         if self.manifest is not None:
-            return (1, float(self.manifest.sequence), self.path.name)
-        return (0, self.mtime, self.path.name)
+            return Entry(str(self.path), EntryKind.STATE, self.manifest.sequence).key
+        return Entry(str(self.path), EntryKind.UNSEQUENCED, created=self.mtime).key
 
 
 def _row(scanned: Scanned) -> Row:
@@ -99,34 +101,14 @@ def _row(scanned: Scanned) -> Row:
         "unverified",
         None,
         meta,
-        check=partial(_manifest.verify, path),
+        check=partial(verify_state, path),
     )
 
 
 def _read_manifest(state: str) -> _manifest.Manifest:
-    """The state's manifest; a CorruptStateError for any reason it cannot be had.
-
-    Stricter than the library's reader on what this command meets in the wild: a
-    manifest that is a FIFO is refused before it is opened (opening it would block),
-    and EACCES or EIO become this state's problem, not the listing's.
-    """
-    where = f"{state}/{MANIFEST}"
-    try:
-        mode = os.lstat(where).st_mode
-    except FileNotFoundError:
-        mode = stat.S_IFREG  # read_manifest says which: no state, or no manifest
-    except OSError as exc:
-        raise CorruptStateError(f"state {state}: manifest {where}: {os_problem(exc)}") from None
-    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
-        raise CorruptStateError(f"state {state}: manifest {where} is not a regular file")
-    try:
-        return _manifest.read_manifest(state)
-    except (FileNotFoundError, CorruptStateError):
-        raise
-    except OSError as exc:
-        raise CorruptStateError(
-            f"state {state}: manifest {where} cannot be read: {os_problem(exc)}"
-        ) from None
+    """The state's manifest; a CorruptStateError for any reason it cannot be had (a FIFO
+    manifest is refused unopened; EACCES or EIO are this state's problem, not the list's)."""
+    return scanner.read_manifest(state)
 
 
 def _scan_dirs(states_dir: str, pattern: str | None) -> list[Scanned]:
@@ -313,7 +295,7 @@ def _one(path: Path) -> Row:
         "unverified",
         None,
         meta,
-        check=partial(_manifest.verify, where),
+        check=partial(verify_state, where),
     )
 
 
