@@ -320,6 +320,26 @@ class TestCommand:
 
         assert main(["--version"]) == 0
 
+    def test_ls_and_verify_do_not_import_pydantic(self, states: Path) -> None:
+        """Start-up is most of a small listing: the snapshot commands load no pydantic."""
+        code = (
+            "import sys\n"
+            "from statekeep._cli import main\n"
+            "assert main(['ls', sys.argv[1]]) == 0\n"
+            "assert main(['verify', sys.argv[1]]) == 0\n"
+            "loaded = sorted(m for m in sys.modules if m.startswith('pydantic'))\n"
+            "assert not loaded, loaded\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(states)],
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+
     def test_no_command_is_a_usage_error(self) -> None:
         usage_error(run(), "COMMAND")
         usage_error(run("checkpoints"), "ACTION")
