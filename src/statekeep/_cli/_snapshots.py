@@ -56,7 +56,9 @@ class Row:
             "name": self.name,
             "path": self.path,
             "sequence": self.sequence,
-            "created_at": None if self.created_at is None else self.created_at.isoformat(),
+            "created_at": None
+            if self.created_at is None
+            else self.created_at.astimezone(timezone.utc).isoformat(),
             "size_bytes": self.size_bytes,
             "status": self.status,
             "problem": self.problem,
@@ -69,7 +71,8 @@ class Row:
 class Scanned:
     """A directory of the store: its manifest, or why it has none (then its mtime)."""
 
-    path: Path
+    path: str
+    name: str
     manifest: _manifest.Manifest | None
     problem: CorruptStateError | None
     mtime: float
@@ -79,21 +82,19 @@ class Scanned:
         """Commit order, as the store's (:mod:`statekeep._order`): states by sequence, after
         the directories without a readable manifest (by mtime)."""
         if self.manifest is not None:
-            return Entry(str(self.path), EntryKind.STATE, self.manifest.sequence).key
-        return Entry(str(self.path), EntryKind.UNSEQUENCED, created=self.mtime).key
+            return Entry(self.path, EntryKind.STATE, self.manifest.sequence).key
+        return Entry(self.path, EntryKind.UNSEQUENCED, created=self.mtime).key
 
 
 def _row(scanned: Scanned) -> Row:
     m = scanned.manifest
     if m is None:
-        return Row(
-            scanned.path.name, str(scanned.path), None, None, 0, "damaged", str(scanned.problem)
-        )
-    created = m.created_at.astimezone(timezone.utc)
-    meta = dict(_compat.metadata_of(m))
-    path = str(scanned.path)
+        return Row(scanned.name, scanned.path, None, None, 0, "damaged", str(scanned.problem))
+    created = m.created_at  # aware; made UTC only for --json
+    meta = _compat.metadata_of(m)
+    path = scanned.path
     return Row(
-        scanned.path.name,
+        scanned.name,
         path,
         m.sequence,
         created,
@@ -132,7 +133,7 @@ def _scan_dirs(states_dir: str, pattern: str | None) -> list[Scanned]:
                     continue  # removed while we looked
             except FileNotFoundError:
                 continue
-            found.append(Scanned(Path(entry.path), manifest, problem, mtime))
+            found.append(Scanned(entry.path, entry.name, manifest, problem, mtime))
     found.sort(key=lambda s: s.key)
     return found
 
@@ -380,7 +381,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from statekeep._cli import _policy
 
     policy, max_keep = _policy.from_args(args)
-    before = [s.path for s in _scan(args.target, args.pattern)]
+    names = [s.name for s in _scan(args.target, args.pattern)]
     keeper = _compat.keeper(args.target, args.pattern, max_keep, policy)
     if args.dry_run:
         removed = _compat.plan(keeper)
@@ -390,7 +391,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
         except OSError as exc:
             fail(f"{args.target}: cannot prune it: {os_problem(exc)}")
     gone = {p.name for p in removed}
-    names = [p.name for p in before]
     kept = [n for n in names if n not in gone]
     gone_in_order = [n for n in names if n in gone] + sorted(gone.difference(names))
     verb = "would remove" if args.dry_run else "removed"
