@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import ctypes
 import gzip
 import json
 import os
@@ -50,6 +51,29 @@ def atomic_replace(root: Path, name: str, data: bytes, *, sync: bool) -> None:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def exchange_replace(root: Path, name: str, data: bytes) -> None:
+    """An atomic replace without fsync that ext4 does not flush: write a temp file,
+    swap it with the old one (``renameat2(RENAME_EXCHANGE)``), unlink the old. A rename
+    over an existing file (or a truncate) makes ext4 (``auto_da_alloc``) write the new
+    data out at once; an exchange does not. Same promise without ``durable``: atomic,
+    survives a process crash."""
+    tmp = f"{root}/.{name}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    final = f"{root}/{name}"
+    if _libc.renameat2(-100, tmp.encode(), -100, final.encode(), _RENAME_EXCHANGE) == 0:
+        os.unlink(tmp)
+    else:  # no old file yet (or no renameat2): a plain rename has nothing to flush
+        os.rename(tmp, final)
 
 
 def ondine_style_save(root: Path, session: str, data: dict[str, Any]) -> None:
@@ -107,6 +131,14 @@ def checkpoint_cases(tmp: Path, sizes: dict[str, int], repeat: int) -> tuple[lis
                     ),
                 )
             )
+        cases.append(
+            Case(
+                f"exchange_{tag}_nosync",
+                f"json.dumps + atomic replace by exchange {tag} (no fsync)",
+                t(lambda d=base: exchange_replace(d, "x.json", json.dumps(data).encode())),
+                baseline=f"replace_{tag}_nosync",
+            )
+        )
         cases.append(
             Case(
                 f"ondine_style_{tag}",

@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 from _harness import Case, timed
 
 import statekeep
+from statekeep import _checksum
 from statekeep._manifest import MANIFEST_NAME
 
 SMALL = [("model", os.urandom(1024)), ("optimizer", os.urandom(1024)), ("buffer", os.urandom(1024))]
@@ -70,6 +73,34 @@ def minimal_commit(root: Path, name: str, blobs: list[tuple[str, bytes]], *, syn
         fsync_dir(root)
 
 
+def minimal_commit_components(
+    root: Path, name: str, components: list[tuple[str, Blob]], *, sync: bool
+) -> None:
+    """The least code that commits a verified snapshot crash-safely *through components*:
+    each component writes its own file (as with statekeep, the bytes are not in hand),
+    so each file is read back for its CRC-32 (and fsynced with ``sync``); then the
+    manifest, the dir fsynced, one rename, the parent fsynced."""
+    tmp = root / f".tmp-{name}"
+    os.mkdir(tmp)
+    files = []
+    for cname, component in components:
+        component.save_state(tmp / cname)
+        fd = os.open(f"{tmp}/{cname}", os.O_RDONLY)
+        try:
+            data = os.read(fd, 1 << 16)
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        files.append({"path": cname, "size": len(data), "crc32": zlib.crc32(data)})
+    write_file(f"{tmp}/{MANIFEST_NAME}", json.dumps({"files": files}).encode(), sync=sync)
+    if sync:
+        fsync_dir(tmp)
+    os.rename(tmp, root / name)
+    if sync:
+        fsync_dir(root)
+
+
 def in_place(root: Path, name: str, blobs: list[tuple[str, bytes]]) -> None:
     """What pamiq-core's StateStore does: mkdir, then each component writes its file."""
     state = root / name
@@ -102,6 +133,74 @@ def read_crc(path: Path) -> None:
     """Read a file once and CRC the bytes in memory (a verified read with one pass)."""
     with open(path, "rb", buffering=0) as f:
         zlib.crc32(f.read())
+
+
+def crc_part(path: Path, start: int, end: int, out: list[int], i: int) -> None:
+    """CRC-32 of ``path``'s bytes ``start:end``, read through a descriptor of its own."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_SEQUENTIAL)
+        buf = bytearray(1 << 20)
+        view = memoryview(buf)
+        crc, pos = 0, start
+        while pos < end:
+            got = os.preadv(fd, [view[: min(len(buf), end - pos)]], pos)
+            crc = zlib.crc32(view[:got], crc)
+            pos += got
+        out[i] = crc
+    finally:
+        os.close(fd)
+
+
+def crc_two_threads(path: Path, size: int) -> int:
+    """The file's CRC-32 from two halves checksummed at once (one pass, both cores)."""
+    half = size // 2
+    out = [0, 0]
+    other = threading.Thread(target=crc_part, args=(path, half, size, out, 1))
+    other.start()
+    crc_part(path, 0, half, out, 0)
+    other.join()
+    return _checksum.crc32_combine(out[0], out[1], size - half)
+
+
+def verified_read_two_threads(path: Path, size: int, crc: int) -> None:
+    """The least code that verifies a large file on both cores, then loads it."""
+    if crc_two_threads(path, size) != crc:
+        raise ValueError(path)
+    read_raw(path.parent, [path.name])
+
+
+def verified_read_one_thread(path: Path, size: int, crc: int) -> None:
+    """The least code that verifies a large file (one sequential pass), then loads it."""
+    out = [0]
+    crc_part(path, 0, size, out, 0)
+    if out[0] != crc:
+        raise ValueError(path)
+    read_raw(path.parent, [path.name])
+
+
+def minimal_commit_large(root: Path, name: str, data: bytes) -> None:
+    """The least code that commits one large component crash-safely and verifiably:
+    the component's write, its CRC-32 (from memory, beside the fsync), the file
+    fsynced, a manifest written and fsynced, the dir fsynced, one rename, the parent
+    fsynced."""
+    tmp = root / f".tmp-{name}"
+    os.mkdir(tmp)
+    fd = os.open(f"{tmp}/weights", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.write(fd, data)
+        out = [0]
+        crc = threading.Thread(target=lambda: out.__setitem__(0, zlib.crc32(data)))
+        crc.start()
+        os.fsync(fd)
+        crc.join()
+    finally:
+        os.close(fd)
+    manifest = json.dumps({"files": [{"path": "weights", "size": len(data), "crc32": out[0]}]})
+    write_file(f"{tmp}/{MANIFEST_NAME}", manifest.encode(), sync=True)
+    fsync_dir(tmp)
+    os.rename(tmp, root / name)
+    fsync_dir(root)
 
 
 def clear_dir(path: Path) -> None:
@@ -147,8 +246,27 @@ def small_cases(tmp: Path, repeat: int) -> list[Case]:
             clear_dir(root)
             return t
 
+        comp_root = tmp / f"minc-{tag}"
+        comp_root.mkdir()
+        blobs = [(cname, Blob(data)) for cname, data in SMALL]
+
+        def min_save_comp(
+            root: Path = comp_root, sync: bool = durable, blobs: list[tuple[str, Blob]] = blobs
+        ) -> float:
+            t = timed(lambda: minimal_commit_components(root, _names(), blobs, sync=sync), repeat)
+            clear_dir(root)
+            return t
+
         base_key = f"min_save_{'durable' if durable else 'nosync'}"
         cases.append(Case(base_key, f"minimal crash-safe commit ({tag})", min_save))
+        cases.append(
+            Case(
+                f"min_save_comp_{'durable' if durable else 'nosync'}",
+                f"minimal commit through the components ({tag})",
+                min_save_comp,
+                baseline=base_key,
+            )
+        )
         cases.append(
             Case(
                 f"sk_save_{'durable' if durable else 'nosync'}",
@@ -231,7 +349,24 @@ def large_cases(tmp: Path, sizes: list[int]) -> list[Case]:
             path.unlink()
             return t
 
+        min_root = tmp / f"large-min-{mb}"
+        min_root.mkdir()
+
+        def min_save(root: Path = min_root, data: bytes = data) -> float:
+            t = timed(lambda: minimal_commit_large(root, _names(), data), 1)
+            clear_dir(root)
+            return t
+
         cases.append(Case(f"raw_write_{mb}", f"raw write+fsync {mb} MB", raw_write, nbytes=size))
+        cases.append(
+            Case(
+                f"min_save_{mb}",
+                f"minimal crash-safe commit {mb} MB (inline)",
+                min_save,
+                baseline=f"raw_write_{mb}",
+                nbytes=size,
+            )
+        )
         cases.append(
             Case(
                 f"sk_save_{mb}",
@@ -284,6 +419,53 @@ def large_cases(tmp: Path, sizes: list[int]) -> list[Case]:
                 f"sk_load_{mb}",
                 f"StateStore.load_state {mb} MB + verify (cold)",
                 sk_load,
+                baseline=f"raw_read_{mb}",
+                nbytes=size,
+            )
+        )
+
+        def sk_load_serial(load: Callable[[], float] = sk_load) -> float:
+            saved_min = _checksum.PARALLEL_MIN
+            _checksum.PARALLEL_MIN = 1 << 62  # one thread, one sequential pass
+            try:
+                return load()
+            finally:
+                _checksum.PARALLEL_MIN = saved_min
+
+        cases.append(
+            Case(
+                f"sk_load_{mb}_serial",
+                f"StateStore.load_state {mb} MB + verify, one thread (cold)",
+                sk_load_serial,
+                baseline=f"raw_read_{mb}",
+                nbytes=size,
+            )
+        )
+        crc = zlib.crc32(data)
+
+        def min_load1(path: Path = raw_copy, size: int = size, crc: int = crc) -> float:
+            evict(path)
+            return timed(lambda: verified_read_one_thread(path, size, crc), 1)
+
+        cases.append(
+            Case(
+                f"min_load1_{mb}",
+                f"minimal verify-then-load {mb} MB, 1 thread (inline, cold)",
+                min_load1,
+                baseline=f"raw_read_{mb}",
+                nbytes=size,
+            )
+        )
+
+        def min_load2(path: Path = raw_copy, size: int = size, crc: int = crc) -> float:
+            evict(path)
+            return timed(lambda: verified_read_two_threads(path, size, crc), 1)
+
+        cases.append(
+            Case(
+                f"min_load2_{mb}",
+                f"minimal verify-then-load {mb} MB, 2 threads (inline, cold)",
+                min_load2,
                 baseline=f"raw_read_{mb}",
                 nbytes=size,
             )

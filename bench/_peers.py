@@ -42,12 +42,19 @@ def find_python312() -> str | None:
     return next((exe for exe in candidates if _is_312(exe)), None)
 
 
+PAMIQ_VERSION = "0.4.0"  # the version whose state_persistence statekeep is compatible with
+_CHECK_PAMIQ = (
+    "import importlib.metadata, pamiq_core.state_persistence;"
+    f" assert importlib.metadata.version('pamiq-core') == {PAMIQ_VERSION!r}"
+)
+
+
 def pamiq_python() -> tuple[str | None, str]:
-    """An interpreter that imports pamiq_core (installing it into a bench venv), or why not."""
+    """An interpreter with pamiq-core 0.4.0 (installed into a bench venv if need be), or why not."""
     exe = find_python312()
     if exe is None:
         return None, "no Python >= 3.12 found (pamiq-core requires it)"
-    check = [exe, "-c", "import pamiq_core.state_persistence"]
+    check = [exe, "-c", _CHECK_PAMIQ]
     if subprocess.run(check, capture_output=True, check=False).returncode == 0:
         return exe, exe
     venv = PEER_VENVS / "bench-pamiq-core"
@@ -60,16 +67,19 @@ def pamiq_python() -> tuple[str | None, str]:
             return None, f"could not create a venv with {exe}: {made.stderr.strip()[-200:]}"
     check[0] = str(py)
     if subprocess.run(check, capture_output=True, check=False).returncode:
-        print(f"installing pamiq-core into {venv} ...", file=sys.stderr)
+        print(f"installing pamiq-core {PAMIQ_VERSION} into {venv} ...", file=sys.stderr)
         inst = subprocess.run(
-            [str(py), "-m", "pip", "install", "-q", "pamiq-core"],
+            [str(py), "-m", "pip", "install", "-q", f"pamiq-core=={PAMIQ_VERSION}"],
             capture_output=True,
             text=True,
             check=False,
         )
         if inst.returncode:
-            return None, f"pip install pamiq-core failed: {inst.stderr.strip()[-300:]}"
-    return str(py), f"{py} ({exe})"
+            return (
+                None,
+                f"pip install pamiq-core=={PAMIQ_VERSION} failed: {inst.stderr.strip()[-300:]}",
+            )
+    return str(py), f"{py} ({exe}), pamiq-core {PAMIQ_VERSION}"
 
 
 class PamiqWorker:

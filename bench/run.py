@@ -156,7 +156,7 @@ def main() -> int:
                 f" above the baseline = {growth / m['size']:.2f}x the state's size"
                 f" (holding the buffer alone: {(m['holding'] - m['baseline']) / 1024:.0f} MiB)"
             )
-    print("\n## Goals (issue 5), ratios from this run\n")
+    print("\n## Goals (issues 5 and 13), ratios from this run\n")
     large_mb, counts = ([16, 64], [100, 1000]) if args.quick else ([64, 256], [1000, 10_000])
     evaluate(goals(large_mb, counts), results, memory)
     if args.quick:

@@ -23,3 +23,11 @@ def _role(match: re.Match[str]) -> str:
 def on_page_content(html: str, **kwargs: Any) -> str:
     """Rewrite the roles in a rendered page."""
     return _LITERAL_MARKER.sub(":</p>", _ROLE.sub(_role, html))
+
+
+def on_config(config: Any, **kwargs: Any) -> Any:
+    """Show the package's version next to the site name (read from the package itself)."""
+    from statekeep import __version__
+
+    config["site_name"] = f"{config['site_name']} {__version__}"
+    return config

@@ -151,10 +151,11 @@ def main() -> int:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
         print(f"     child {proc.pid} killed by SIGKILL (exit status {proc.returncode})")
-        debris = sorted((states_dir / ".statekeep").glob("*.work"))
+        # A killed save leaves its private build directory (a dot-name, never a state).
+        debris = sorted(states_dir.glob(".statekeep-*.work"))
         for entry in debris:
             files = {p.name: p.stat().st_size for p in entry.iterdir() if p.is_file()}
-            print(f"     left behind: .statekeep/{entry.name} holding {files} (never listed)")
+            print(f"     left behind: {entry.name} holding {files} (never listed)")
         print("     states_dir/*.state still shows only the three committed states:")
         show(states_dir)
 
@@ -162,7 +163,7 @@ def main() -> int:
         job = Job(states_dir)
         latest = job.store.load_latest_state()
         assert latest is not None
-        leftover = sorted((states_dir / ".statekeep").glob("*.work"))
+        leftover = sorted(states_dir.glob(".statekeep-*"))
         print(f"     debris left: {[p.name for p in leftover]}")
         print(
             f"     loaded {latest.name}: step {job.counter.step}, {len(job.logs.lines)} log lines,"

@@ -53,15 +53,15 @@ def run(workdir: Path, rows: int, interval: int) -> int:
             context = statekeep.ExecutionContext(
                 session_id=SESSION, total_rows=rows, data={"checksum": 0}
             )
-        start = context.last_processed_row  # rows [0, start) are done
+        start = context.last_processed_row + 1  # rows [0, last_processed_row] are done
         fd = os.open(workdir / "results.txt", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             for row in range(start, rows):
                 value = process(row)
                 os.write(fd, f"{row:06d}\n".encode())  # the row's output is out
-                context.last_processed_row = row + 1
                 context.data["checksum"] = (context.data["checksum"] + value) % 1_000_003
-                if manager.should_checkpoint(context.last_processed_row):
+                context.update_row(row)  # in order; out-of-order workers use complete_rows
+                if manager.should_checkpoint(row):
                     manager.save_checkpoint(context)
         finally:
             os.close(fd)
@@ -130,8 +130,8 @@ def main() -> int:
         print(f"killed the pipeline with SIGKILL after {out} rows were out")
         with statekeep.FileCheckpointStorage(workdir / "checkpoints") as storage:
             for info in storage.list_checkpoints():
-                row = info.metadata["last_processed_row"]
-                print(f"last checkpoint: row {row} of {args.rows}, saved {info.timestamp}")
+                done = info.metadata["last_processed_row"] + 1
+                print(f"last checkpoint: {done} of {args.rows} rows, saved {info.timestamp}")
         start = run(workdir, args.rows, args.interval)
         print(f"resumed from row {start} and finished")
         problems = check(workdir, args.rows, args.interval)

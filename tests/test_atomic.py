@@ -135,6 +135,37 @@ class TestSweep:
         assert _atomic.sweep(states_dir) == [held]
         assert not held.exists()
 
+    def test_a_forked_child_does_not_keep_dead_work_alive(
+        self, states_dir: Path, worker_cmd: list[str], worker_env: dict[str, str]
+    ) -> None:
+        proc = subprocess.Popen(
+            [*worker_cmd, "hold-fork", str(states_dir)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=worker_env,
+        )
+        child = -1
+        try:
+            assert proc.stdout is not None
+            kind, path_text, child_text = proc.stdout.readline().decode().split()
+            assert kind == "held"
+            held, child = Path(path_text), int(child_text)
+            assert _atomic.sweep(states_dir) == []  # alive: left alone
+            os.kill(proc.pid, signal.SIGKILL)
+            assert proc.wait(30) == -signal.SIGKILL
+            # The saver is dead; its forked child still runs, and must not hold the lock.
+            os.kill(child, 0)
+            assert _atomic.sweep(states_dir) == [held]
+        finally:
+            for stream in (proc.stdin, proc.stdout):
+                if stream is not None:
+                    stream.close()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(30)
+            if child > 0:
+                os.kill(child, signal.SIGKILL)
+
     def test_pending_is_kept_while_young_and_reclaimed_when_old(self, private: Path) -> None:
         young = private / ".statekeep-a.pending"
         old = private / ".statekeep-b.pending"
@@ -168,10 +199,11 @@ class TestSweep:
         (private / ".statekeep-a.trash").mkdir()
         (private / ".statekeep-b.trash").mkdir()
 
-        def refuse(path: str) -> None:
+        def refuse(path: str) -> bool:
             if path.endswith("a.trash"):
                 raise PermissionError(13, "Permission denied", str(path))
             os.rmdir(path)
+            return True
 
         monkeypatch.setattr(_atomic, "remove_tree", refuse)
         with caplog.at_level(logging.WARNING, logger="statekeep"):
@@ -198,7 +230,7 @@ class TestDiscardCommitted:
         state.mkdir(parents=True)
         (state / "f").write_bytes(b"x")
 
-        def die(path: Path) -> None:
+        def die(path: Path) -> bool:
             raise SystemExit("killed between the rename and the delete")
 
         monkeypatch.setattr(_atomic, "remove_tree", die)
@@ -271,6 +303,33 @@ class TestReplaceFile:
         assert final.read_bytes() == b"two-parts"
         assert os.listdir(tmp_path) == ["f.json"]
 
+    @pytest.mark.parametrize("durable", [True, False])
+    def test_a_directory_in_the_way_is_left_alone(self, tmp_path: Path, durable: bool) -> None:
+        final = tmp_path / "f.json"
+        final.mkdir()
+        (final / "inside").write_bytes(b"kept")
+        with pytest.raises(IsADirectoryError):
+            _atomic.replace_file(tmp_path, final, [b"new"], durable=durable)
+        assert (final / "inside").read_bytes() == b"kept"
+        assert os.listdir(tmp_path) == ["f.json"]
+
+    @pytest.mark.parametrize("durable", [True, False])
+    def test_a_symlink_in_the_way_is_replaced_not_followed(
+        self, tmp_path: Path, durable: bool
+    ) -> None:
+        outside = tmp_path / "outside"
+        outside.mkdir()
+        (outside / "target").write_bytes(b"theirs")
+        store = tmp_path / "store"
+        store.mkdir()
+        final = store / "f.json"
+        final.symlink_to(outside / "target")
+        _atomic.replace_file(store, final, [b"ours"], durable=durable)
+        assert not final.is_symlink()
+        assert final.read_bytes() == b"ours"
+        assert (outside / "target").read_bytes() == b"theirs"
+        assert os.listdir(store) == ["f.json"]
+
     def test_failure_mid_write_keeps_the_old_file(self, tmp_path: Path) -> None:
         final = tmp_path / "f.json"
         final.write_bytes(b"old")
@@ -315,7 +374,7 @@ class TestWriteAll:
 class TestCleanupFailure:
     """When removing a work entry fails, its fd and lock are released all the same."""
 
-    def refuse(self, path: str | os.PathLike[str]) -> None:
+    def refuse(self, path: str | os.PathLike[str]) -> bool:
         raise PermissionError(13, "Permission denied", os.fspath(path))
 
     def test_discard_without_a_cause_raises_and_releases(
@@ -390,3 +449,44 @@ class TestSymlinks:
         _atomic.discard_committed(private, private / "a.state")
         assert os.listdir(private) == []
         assert (victim / "precious").read_bytes() == b"keep"
+
+
+class TestSweepRacingSaves:
+    """A sweep running in a loop beside many saves never takes a live save's work."""
+
+    def test_threads(self, private: Path) -> None:
+        from statekeep import _commit, _manifest
+
+        stop = threading.Event()
+        swept: list[Path] = []
+        errors: list[BaseException] = []
+
+        def sweeper() -> None:
+            while not stop.is_set():
+                swept.extend(_atomic.sweep(private))
+
+        def saver(who: int) -> None:
+            try:
+                for i in range(40):
+                    with _commit.BuildDir(private, durable=False) as build:
+                        (build.path / "sub").mkdir()
+                        (build.path / "sub" / "f").write_bytes(b"%d-%d" % (who, i))
+                        build.commit(private / f"{who}-{i}.state")
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        sweep_thread = threading.Thread(target=sweeper)
+        sweep_thread.start()
+        savers = [threading.Thread(target=saver, args=(w,)) for w in range(4)]
+        for thread in savers:
+            thread.start()
+        for thread in savers:
+            thread.join(120)
+        stop.set()
+        sweep_thread.join(30)
+        assert errors == []
+        assert swept == []
+        names = sorted(os.listdir(private))
+        assert len(names) == 160
+        for name in names:
+            _manifest.verify(private / name)

@@ -251,7 +251,7 @@ class TestCleanupFailure:
         _atomic.make_root(states_dir, durable=False)
         before = len(os.listdir("/proc/self/fd"))
 
-        def refuse(path: str | os.PathLike[str]) -> None:
+        def refuse(path: str | os.PathLike[str]) -> bool:
             raise PermissionError(errno.EROFS, "Read-only file system", os.fspath(path))
 
         for _ in range(20):

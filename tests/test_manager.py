@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 import subprocess
 import sys
+import threading
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ import pytest
 from statekeep import (
     CorruptCheckpointError,
     ExecutionContext,
+    FileCheckpointStorage,
     StateManager,
     StorageError,
 )
@@ -129,7 +133,8 @@ class TestExecutionContext:
         a, b = ExecutionContext(), ExecutionContext()
         assert isinstance(a.session_id, UUID)
         assert a.session_id != b.session_id
-        assert (a.last_processed_row, a.total_rows, a.data) == (0, None, {})
+        assert (a.last_processed_row, a.total_rows, a.data) == (-1, None, {})
+        assert a.pending_completions == set()
         a.data["x"] = 1
         assert b.data == {}
 
@@ -506,3 +511,217 @@ class TestResumableExample:
         assert "killed the pipeline with SIGKILL" in done.stdout
         assert "rows skipped: 0" in done.stdout
         assert "OK: no row skipped" in done.stdout
+
+
+class TestWatermark:
+    """last_processed_row is ondine 2.1.1's watermark: it never runs ahead of a gap."""
+
+    def test_out_of_order_rows_wait_above_the_gap(self) -> None:
+        ctx = ExecutionContext()
+        for row in (0, 1, 3, 4):
+            ctx.complete_rows(row)
+        assert ctx.last_processed_row == 1
+        assert ctx.pending_completions == {3, 4}
+        ctx.complete_rows(2)
+        assert ctx.last_processed_row == 4
+        assert ctx.pending_completions == set()
+
+    def test_a_batch_moves_across_all_its_rows(self) -> None:
+        ctx = ExecutionContext()
+        ctx.complete_rows(4, count=3)
+        assert (ctx.last_processed_row, ctx.pending_completions) == (-1, {4, 5, 6})
+        ctx.complete_rows(0, count=4)
+        assert (ctx.last_processed_row, ctx.pending_completions) == (6, set())
+
+    def test_reporting_a_row_twice_is_harmless(self) -> None:
+        ctx = ExecutionContext()
+        ctx.complete_rows(0)
+        ctx.complete_rows(0)
+        ctx.complete_rows(2)
+        ctx.complete_rows(2)
+        assert (ctx.last_processed_row, ctx.pending_completions) == (0, {2})
+        ctx.complete_rows(0, count=2)  # row 0 again, below the watermark: not kept pending
+        assert (ctx.last_processed_row, ctx.pending_completions) == (2, set())
+
+    def test_update_row_forces_the_watermark(self) -> None:
+        ctx = ExecutionContext()
+        ctx.update_row(41)
+        assert ctx.last_processed_row == 41
+        ctx.complete_rows(42)
+        assert ctx.last_processed_row == 42
+
+    def test_pending_rows_are_not_in_the_checkpoint(self, storage: MemoryCheckpointStorage) -> None:
+        ctx = ExecutionContext(total_rows=10)
+        for row in (0, 2, 3):
+            ctx.complete_rows(row)
+        assert "pending_completions" not in ctx.to_checkpoint()
+        manager = StateManager(storage, 1)
+        assert manager.save_checkpoint(ctx)
+        back = manager.load_checkpoint(ctx.session_id)
+        assert back is not None
+        assert (back.last_processed_row, back.pending_completions) == (0, set())
+
+    @pytest.mark.parametrize(
+        ("args", "error", "match"),
+        [
+            (("1",), TypeError, "first_row_index must be an int, not str"),
+            ((True,), TypeError, "first_row_index must be an int, not bool"),
+            ((0, 1.0), TypeError, "count must be an int, not float"),
+            ((-1,), ValueError, "first_row_index must be >= 0, got -1"),
+            ((0, 0), ValueError, "count must be >= 1, got 0"),
+        ],
+    )
+    def test_bad_arguments(self, args: tuple[Any, ...], error: type[Exception], match: str) -> None:
+        ctx = ExecutionContext()
+        with pytest.raises(error, match=match):
+            ctx.complete_rows(*args)
+        assert (ctx.last_processed_row, ctx.pending_completions) == (-1, set())
+
+    def test_a_negative_watermark_below_minus_one_is_refused(self) -> None:
+        with pytest.raises(pydantic.ValidationError, match="last_processed_row"):
+            ExecutionContext(last_processed_row=-2)
+
+    def test_any_completion_order_gives_the_contiguous_prefix(self) -> None:
+        rng = random.Random(20261129)
+        for _ in range(300):
+            rows = list(range(rng.randint(1, 40)))
+            reports = rows + rng.choices(rows, k=rng.randint(0, 10))  # some reported twice
+            rng.shuffle(reports)
+            ctx = ExecutionContext()
+            done: set[int] = set()
+            for row in reports:
+                ctx.complete_rows(row)
+                done.add(row)
+                prefix = -1
+                while prefix + 1 in done:
+                    prefix += 1
+                assert ctx.last_processed_row == prefix
+                assert ctx.pending_completions == {r for r in done if r > prefix}
+            assert (ctx.last_processed_row, ctx.pending_completions) == (rows[-1], set())
+
+
+class TestSessionIds:
+    """A session id is a UUID or a non-empty string, and names the same checkpoint after a load."""
+
+    def test_a_string_session_id_saves_and_resumes(self, tmp_path: Path) -> None:
+        with FileCheckpointStorage(tmp_path) as files:
+            manager = StateManager(files, 2)
+            ctx = ExecutionContext(session_id="my-run", total_rows=5)
+            ctx.update_row(2)
+            assert manager.save_checkpoint(ctx)
+        with FileCheckpointStorage(tmp_path) as files:
+            back = StateManager(files, 2).load_checkpoint("my-run")
+        assert back == ctx
+        assert back is not None
+        assert back.session_id == "my-run"
+
+    def test_a_uuid_in_canonical_string_form_is_that_uuid(self) -> None:
+        sid = uuid4()
+        assert ExecutionContext(session_id=str(sid)).session_id == sid
+        upper = str(sid).upper()  # not the form session_key stores, so it stays a string
+        assert ExecutionContext(session_id=upper).session_id == upper
+
+    @pytest.mark.parametrize(("bad", "match"), [("", "must not be empty"), ("a\0b", "NUL")])
+    def test_bad_string_ids_are_refused(self, bad: str, match: str) -> None:
+        with pytest.raises(pydantic.ValidationError, match=f"session_id(.|\n)*{match}"):
+            ExecutionContext(session_id=bad)
+
+
+class TestLogPrefix:
+    """Every line StateManager logs starts with the prefix the rest of statekeep uses."""
+
+    def test_all_lines_are_prefixed(self, caplog: pytest.LogCaptureFixture) -> None:
+        class NoMetadata(DictStorage):
+            def save(self, session_id: str | UUID, data: Mapping[str, Any]) -> bool:  # type: ignore[override]
+                return super().save(session_id, data)
+
+        with caplog.at_level(logging.DEBUG, logger="statekeep"):
+            StateManager(NoMetadata(), 2)  # type: ignore[call-overload]
+            flaky = FlakyStorage()
+            manager = StateManager(flaky, 2)
+            manager.save_checkpoint(ExecutionContext(session_id="s"))
+            manager.cleanup_checkpoints("s")
+            flaky.failing = False
+            manager.save_checkpoint(ExecutionContext(session_id="s"))
+            manager.cleanup_checkpoints("s")
+        messages = [r.getMessage() for r in caplog.records if r.name == "statekeep"]
+        assert len(messages) == 5, messages
+        assert all(m.startswith("statekeep: ") for m in messages), messages
+
+
+# A pipeline with four concurrent "LLM calls": the call for row 1 hangs, the calls for
+# rows 0 and 2-7 finish and each is checkpointed. The test SIGKILLs it there.
+_HUNG_PIPELINE = """
+import sys, threading
+from concurrent.futures import ThreadPoolExecutor
+import statekeep
+
+directory, session = sys.argv[1], sys.argv[2]
+never = threading.Event()
+lock = threading.Lock()
+finished = set()
+with statekeep.FileCheckpointStorage(directory) as storage:
+    manager = statekeep.StateManager(storage, checkpoint_interval=1)
+    context = statekeep.ExecutionContext(session_id=session, total_rows=12)
+
+    def call_llm(row):
+        if row == 1 or row > 7:
+            never.wait()  # row 1's call hangs; rows past 7 are not reached before the kill
+            return
+        with lock:
+            context.complete_rows(row)
+            assert manager.save_checkpoint(context)
+            finished.add(row)
+            if finished == {0, 2, 3, 4, 5, 6, 7}:
+                print(context.last_processed_row, sorted(context.pending_completions), flush=True)
+
+    pool = ThreadPoolExecutor(max_workers=4)
+    for row in range(12):
+        pool.submit(call_llm, row)
+    never.wait()
+"""
+
+
+class TestConcurrentCallsResume:
+    """Four concurrent calls, killed while row 1 hangs and rows 2-7 are done: resume at row 1."""
+
+    def test_resumes_at_the_row_that_never_finished(self, tmp_path: Path) -> None:
+        child = subprocess.Popen(
+            [sys.executable, "-c", _HUNG_PIPELINE, str(tmp_path), "llm-run"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert child.stdout is not None
+            line = child.stdout.readline()  # blocks until rows 0 and 2-7 are saved
+            assert line.split(maxsplit=1) == ["0", "[2, 3, 4, 5, 6, 7]\n"]
+            child.kill()  # SIGKILL
+        finally:
+            if child.poll() is None:
+                child.kill()
+            child.wait(timeout=30)
+            if child.stdout is not None:
+                child.stdout.close()
+        assert child.returncode == -9
+
+        with FileCheckpointStorage(tmp_path) as files:
+            manager = StateManager(files, checkpoint_interval=1)
+            context = manager.load_checkpoint("llm-run")
+            assert context is not None
+            start = context.last_processed_row + 1
+            assert start == 1
+            lock = threading.Lock()
+            done: list[int] = []
+
+            def call_llm(row: int) -> None:
+                with lock:
+                    done.append(row)
+                    context.complete_rows(row)
+                    assert manager.save_checkpoint(context)
+
+            with ThreadPoolExecutor(max_workers=4) as pool:
+                list(pool.map(call_llm, range(start, 12)))
+            assert sorted(done) == list(range(1, 12))
+            final = manager.load_checkpoint("llm-run")
+        assert final is not None
+        assert final.last_processed_row == 11

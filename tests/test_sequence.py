@@ -160,7 +160,7 @@ class TestManyProcesses:
     ) -> None:
         _atomic.make_root(states_dir, durable=False)
         if how == "scan":
-            each //= 10  # each number is a real commit
+            each //= 20  # each number is a real commit
         children = [
             subprocess.Popen(
                 [*worker_cmd, "count", str(states_dir), str(each), how],
@@ -239,3 +239,63 @@ class TestCarryOver:
         _atomic.sweep(states_dir)
         assert os.listdir(states_dir) == []
         assert sorted(os.listdir(outside)) == ["sequence", "x.work", "y.trash"]
+
+
+class TestCostPerCommit:
+    """With the attribute, a commit reads no manifest: no work grows with the states kept."""
+
+    def test_no_manifest_is_read(self, states_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        counter = _sequence.SequenceCounter(states_dir)
+
+        def save(name: str) -> int:
+            with _commit.BuildDir(states_dir, durable=False, counter=counter) as build:
+                return build.commit(states_dir / name).sequence
+
+        for i in range(30):
+            save(f"{i}.s")
+        reads: list[str] = []
+        real = _manifest.read_order
+
+        def counting(directory: str) -> tuple[float, int] | None:
+            reads.append(directory)
+            return real(directory)
+
+        monkeypatch.setattr(_manifest, "read_order", counting)
+        assert [save(f"more{i}.s") for i in range(5)] == [31, 32, 33, 34, 35]
+        assert reads == []
+        counter.close()
+
+
+class _Coarse:
+    """A stat result whose times have whole-second resolution (as on some filesystems)."""
+
+    def __init__(self, st: os.stat_result) -> None:
+        self._st = st
+        self.st_mtime_ns = st.st_mtime_ns // 1_000_000_000 * 1_000_000_000
+        self.st_ctime_ns = st.st_ctime_ns // 1_000_000_000 * 1_000_000_000
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._st, name)
+
+
+class TestWithoutAttributesOnCoarseTimestamps:
+    """Another writer's commit within the same timestamp tick is still seen."""
+
+    def test_same_second_commit_by_another_writer(
+        self, states_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(_sequence, "_HAS_XATTR", False)
+        real_fstat = os.fstat
+        monkeypatch.setattr(os, "fstat", lambda fd: _Coarse(real_fstat(fd)))
+        mine, theirs = _sequence.SequenceCounter(states_dir), _sequence.SequenceCounter(states_dir)
+        _atomic.make_root(states_dir, durable=False)
+        # Their build exists before my commit, so my commit is the last change of the
+        # directory's link count: only the timestamps could tell their rename apart.
+        with _commit.BuildDir(states_dir, durable=False, counter=theirs) as their_build:
+            with _commit.BuildDir(states_dir, durable=False, counter=mine) as build:
+                assert build.commit(states_dir / "a.s").sequence == 1
+            assert their_build.commit(states_dir / "b.s").sequence == 2
+        with _commit.BuildDir(states_dir, durable=False, counter=mine) as build:
+            assert build.commit(states_dir / "c.s").sequence == 3
+        mine.close()
+        theirs.close()

@@ -7,6 +7,7 @@ import errno
 import json
 import logging
 import os
+import pickle
 import subprocess
 import sys
 import threading
@@ -14,6 +15,7 @@ import time
 import zlib
 from datetime import timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,6 +26,7 @@ from statekeep import (
     PersistentStateMixin,
     StateExistsError,
     StateInfo,
+    StatekeepError,
     StateStore,
     _atomic,
     _commit,
@@ -506,6 +509,18 @@ class TestMissingComponents:
             store.load_latest_state()
         assert store.load_latest_state(allow_missing=True) == newest
 
+    def test_error_pickles_with_its_fields(self) -> None:
+        error = MissingComponentsError("state /s lacks", state="/s", missing=["b"], present=["a"])
+        back = pickle.loads(pickle.dumps(error))
+        assert type(back) is MissingComponentsError
+        assert (str(back), back.state, back.missing, back.present) == (
+            "state /s lacks",
+            "/s",
+            ("b",),
+            ("a",),
+        )
+        assert isinstance(back, StatekeepError)
+
     def test_sibling_files_count_as_the_component(self, states_dir: Path) -> None:
         store, *_ = make_store(states_dir)
         path = store.save_state()
@@ -552,7 +567,7 @@ class TestUnreadableStates:
             store.load_state(bad)
 
     def test_eio_in_a_file_of_the_newest_falls_back(
-        self, states_dir: Path, monkeypatch: pytest.MonkeyPatch
+        self, states_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
     ) -> None:
         store, value, *_ = make_store(states_dir)
         good = store.save_state()
@@ -560,7 +575,13 @@ class TestUnreadableStates:
         newest = store.save_state()
         self.fail_reads_under(monkeypatch, newest / "folder")
         value.value = b""
-        assert store.load_latest_state() == good
+        with caplog.at_level(logging.WARNING, logger="statekeep"):
+            for _ in range(3):
+                assert store.load_latest_state() == good
+        told = [r.getMessage() for r in caplog.records if str(newest) in r.getMessage()]
+        assert len(told) == 1, told  # once per path, not per call
+        assert "Input/output error" in told[0]
+        assert "trying an older one" in told[0]
         assert value.value == b"v1"
         with pytest.raises(CorruptStateError, match=str(newest)):
             store.load_state(newest)
@@ -728,3 +749,83 @@ class TestLoaderRacingKeeper:
                 proc.wait(30)
                 assert proc.stdout is not None
                 proc.stdout.close()
+
+
+class TestMetadata:
+    """save_state(metadata=...) lands in the manifest; verify_state checks without loading."""
+
+    def test_round_trip_and_verify_state(self, states_dir: Path) -> None:
+        store, value, *_ = make_store(states_dir)
+        path = store.save_state(metadata={"step": 7, "loss": 0.25, "tags": ["a"]})
+        [info] = store.list_states()
+        assert info.metadata == {"step": 7, "loss": 0.25, "tags": ["a"]}
+        value.value = b"changed"
+        checked = verify_state(path)
+        assert checked == info
+        assert value.value == b"changed"  # nothing was loaded
+
+    def test_verify_state_raises_on_damage(self, states_dir: Path) -> None:
+        store, *_ = make_store(states_dir)
+        path = store.save_state()
+        os.truncate(path / "model.pt", 1)
+        with pytest.raises(CorruptStateError, match=r"model\.pt is 1 bytes"):
+            verify_state(path)
+        with pytest.raises(FileNotFoundError):
+            verify_state(states_dir / "nope.state")
+
+    @pytest.mark.parametrize(
+        ("metadata", "error", "match"),
+        [
+            ({"step": 1, "when": object()}, TypeError, "metadata\\['when'\\] is not JSON-ready"),
+            ({"loss": float("nan")}, ValueError, "metadata\\['loss'\\]"),
+            ({1: "x"}, TypeError, "metadata key 1"),
+            ({"statekeep:components": []}, ValueError, "reserved"),
+        ],
+    )
+    def test_refused_before_anything_is_written(
+        self, states_dir: Path, metadata: dict[Any, Any], error: type[Exception], match: str
+    ) -> None:
+        store, *_ = make_store(states_dir)
+        with pytest.raises(error, match=match):
+            store.save_state(metadata=metadata)
+        assert os.listdir(states_dir) == []
+
+    def test_keyword_only(self, states_dir: Path) -> None:
+        store, *_ = make_store(states_dir)
+        with pytest.raises(TypeError):
+            store.save_state({"step": 1})  # type: ignore[misc]
+
+
+class TestMissingComponentsWithoutARecord:
+    """States that did not record their components are checked by their top-level names."""
+
+    def test_state_from_an_older_statekeep(self, states_dir: Path) -> None:
+        fixture = Path(__file__).parent / "fixtures" / "v2.state"
+
+        class Pt(PersistentStateMixin):
+            data = b""
+
+            def load_state(self, path: Path) -> None:
+                self.data = path.with_name(path.name + ".pt").read_bytes()
+
+        store = StateStore(states_dir)
+        model = Pt()
+        store.register("model", model)  # the fixture holds model.pt and tree/
+        store.load_state(fixture)
+        assert model.data == (fixture / "model.pt").read_bytes()
+        store.register("scheduler", Value(b"untouched"))
+        with pytest.raises(MissingComponentsError) as info:
+            store.load_state(fixture)
+        assert info.value.missing == ("scheduler",)
+        assert info.value.present == ("model.pt", "tree")
+
+    def test_directory_without_manifest_is_not_checked(self, states_dir: Path) -> None:
+        legacy = states_dir / "legacy.state"
+        legacy.mkdir(parents=True)
+        (legacy / "a").write_bytes(b"A")
+        store = StateStore(states_dir)
+        a = Value()
+        store.register("a", a)
+        store.register("nothing", PersistentStateMixin())  # wrote nothing, as pamiq-core allows
+        store.load_state(legacy, verify=False)
+        assert a.value == b"A"

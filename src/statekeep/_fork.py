@@ -35,7 +35,7 @@ def on_fork_child(reset: Callable[[], None]) -> None:
     (without closing what the parent still uses, unless it is the child's own copy)
     and forget threads.
     """
-    ref: weakref.WeakMethod[Callable[[], None]] = weakref.WeakMethod(reset)  # type: ignore[arg-type]
+    ref: weakref.WeakMethod[Callable[[], None]] = weakref.WeakMethod(reset)
     with _registry_lock:
         _resets[:] = [r for r in _resets if r() is not None]
         _resets.append(ref)

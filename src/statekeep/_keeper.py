@@ -149,7 +149,7 @@ class LatestStatesKeeper:
 
         return plan_removals(
             states,
-            self._policy() if self.max_keep >= 0 or self.policy is not None else None,
+            self._policy(),
             now or datetime.now(timezone.utc),
             is_good,
             remove_all=self.policy is None and self.max_keep == 0,

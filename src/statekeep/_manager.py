@@ -170,7 +170,7 @@ class StateManager(Generic[ContextT]):
         self._with_metadata = _takes_metadata(storage.save)
         if not self._with_metadata:
             logger.warning(
-                "%s.save takes no metadata argument; checkpoints are saved without it",
+                "statekeep: %s.save takes no metadata argument; checkpoints are saved without it",
                 type(storage).__name__,
             )
         self._context_type: type[ContextT] = context_type
@@ -241,7 +241,7 @@ class StateManager(Generic[ContextT]):
                 raise StorageError(f"{type(self._storage).__name__}.save returned False")
         except Exception as exc:
             logger.error(
-                "checkpoint of session %s failed: %s: %s",
+                "statekeep: checkpoint of session %s failed: %s: %s",
                 getattr(context, "session_id", "<unknown>"),
                 type(exc).__name__,
                 exc,
@@ -249,7 +249,7 @@ class StateManager(Generic[ContextT]):
             )
             return False
         self._due_row, self._due_at = self._policy.next_due(row, self._now())
-        logger.debug("checkpoint of session %s saved at row %d", session_id, row)
+        logger.debug("statekeep: checkpoint of session %s saved at row %d", session_id, row)
         return True
 
     def load_checkpoint(self, session_id: str | UUID) -> ContextT | None:
@@ -292,10 +292,12 @@ class StateManager(Generic[ContextT]):
         try:
             deleted = self._storage.delete(session_id)
         except (StatekeepError, OSError) as exc:
-            logger.error("deleting the checkpoint of session %s failed: %s", session_id, exc)
+            logger.error(
+                "statekeep: deleting the checkpoint of session %s failed: %s", session_id, exc
+            )
             return False
         if deleted:
-            logger.debug("checkpoint of session %s deleted", session_id)
+            logger.debug("statekeep: checkpoint of session %s deleted", session_id)
         return deleted
 
     def list_checkpoints(self) -> list[CheckpointInfo]:

@@ -266,7 +266,10 @@ def _read_regular(path: str, limit: int) -> bytes:
             raise _Special(f"{path} is not a regular file")
         if st.st_size > limit:
             raise _Special(f"{path} is {st.st_size} bytes, more than a manifest can be")
-        chunks = [os.read(fd, max(st.st_size + 1, 4096))]
+        want = max(st.st_size + 1, 4096)
+        chunks = [os.read(fd, want)]
+        if len(chunks[0]) < want:  # a short read of a regular file is its end
+            return chunks[0]
         while chunks[-1] and sum(map(len, chunks)) <= limit:
             chunks.append(os.read(fd, 1 << 20))
         return b"".join(chunks)

@@ -52,8 +52,9 @@ class RecoverableState(Generic[TModel]):
         persist_state_key: the storage session under which the value is kept.
         persistence_enabled: when False, nothing is read or written.
         storage: where to persist; by default a ``FileCheckpointStorage`` in
-            :func:`default_state_dir`, created on :meth:`initialize` and closed on
-            :meth:`teardown`. A storage you pass is never closed for you.
+            ``$STATEKEEP_STATE_DIR`` (else ``./.statekeep-state``), created on
+            :meth:`initialize` and closed on :meth:`teardown`. A storage you pass is
+            never closed for you.
         persist_interval: seconds between autosaves by a daemon thread; None for none.
         logger: where to log; by default the ``statekeep`` logger.
         schema_version: the version of the model's persisted form (starts at 1).

@@ -128,8 +128,13 @@ _warned: OrderedDict[tuple[str, str], None] = OrderedDict()
 _warned_lock = threading.Lock()
 
 
-def warn_once(path: str | os.PathLike[str], problem: BaseException) -> None:
-    """Log that ``path`` is skipped because of ``problem``, once per path and problem."""
+def warn_once(
+    path: str | os.PathLike[str], problem: BaseException, template: str = "skipping %s: %s"
+) -> None:
+    """Log that ``path`` is skipped because of ``problem``, once per path and problem.
+
+    ``template`` gets the path and the problem (``%s`` each, in that order).
+    """
     key = (os.fspath(path), str(problem))
     with _warned_lock:
         if key in _warned:
@@ -137,7 +142,7 @@ def warn_once(path: str | os.PathLike[str], problem: BaseException) -> None:
         _warned[key] = None
         if len(_warned) > 4096:
             _warned.popitem(last=False)
-    logger.warning("statekeep: skipping %s: %s", key[0], problem)
+    logger.warning("statekeep: " + template, key[0], problem)
 
 
 class VerifiedCache:

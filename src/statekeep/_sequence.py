@@ -15,9 +15,9 @@ holds only committed states):
   whose Python has no ``os.setxattr``; filesystems without them). The next number is one
   more than the highest sequence of the committed states, and the directory's ``flock``
   is then held from taking the number until the state is renamed into place, so two
-  writers cannot take the same one. Each process caches the highest number and re-reads
-  the heads of the manifests only when the directory has changed since its own last
-  commit (or changed too recently for its timestamps to tell).
+  writers cannot take the same one. Each commit then reads the heads of the manifests
+  (512 bytes each): O(number of states) per commit, the price of having nowhere else
+  to keep the number.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import contextlib
 import errno
 import fcntl
 import os
-import time
 from collections.abc import Iterator
 
 from statekeep import _atomic, _fork, _manifest
@@ -82,22 +81,6 @@ def highest_committed(root: str) -> int:
     return best
 
 
-def _dir_key(fd: int) -> tuple[int, int, int, int, int] | None:
-    """What changes when a directory's entries change; None when too recent to tell.
-
-    Timestamps have a granularity (1 s or 2 s on some filesystems, a clock tick on
-    others): a change within the same tick as the one recorded would go unseen, so a
-    directory changed less than that long ago is not trusted.
-    """
-    st = os.fstat(fd)
-    changed = max(st.st_mtime_ns, st.st_ctime_ns)
-    coarse = st.st_mtime_ns % 1_000_000_000 == 0 and st.st_ctime_ns % 1_000_000_000 == 0
-    margin = 2_000_000_000 if coarse else 50_000_000
-    if time.time_ns() - changed < margin:
-        return None
-    return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink, st.st_size)
-
-
 class SequenceCounter:
     """The counter of one directory, the directory held open between commits.
 
@@ -112,13 +95,11 @@ class SequenceCounter:
         self._lock = _fork.new_lock()
         self._xattr = _HAS_XATTR  # False once the filesystem refuses attributes
         self._last = 0  # the highest number this object has seen or handed out
-        self._seen: tuple[int, int, int, int, int] | None = None  # scan mode's cache key
         _fork.on_fork_child(self._reset_in_child)
 
     def _reset_in_child(self) -> None:
         self._lock = _fork.new_lock()
         fd, self._fd = self._fd, -1
-        self._seen = None
         if fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(fd)  # the child's own copy: the parent's open file stays open
@@ -142,13 +123,14 @@ class SequenceCounter:
         self._last = value
         return value
 
-    def _bump_scan(self, fd: int) -> int:
-        """The next number from the manifests (the caller holds the flock)."""
-        key = _dir_key(fd)
-        if key is None or key != self._seen:
-            self._last = max(self._last, highest_committed(self._root))
-        self._seen = None
-        self._last += 1
+    def _bump_scan(self) -> int:
+        """The next number from the manifests (the caller holds the flock).
+
+        The heads of all the manifests are read every time: a cache would need to know
+        whether another writer committed since, and a directory's timestamps cannot
+        say so reliably (coarse on some filesystems, and changed by our own work).
+        """
+        self._last = max(self._last, highest_committed(self._root)) + 1
         return self._last
 
     @contextlib.contextmanager
@@ -178,8 +160,7 @@ class SequenceCounter:
             yield value
             return
         try:
-            yield self._bump_scan(fd)
-            self._seen = _dir_key(fd)
+            yield self._bump_scan()
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
             self._lock.release()
@@ -209,7 +190,6 @@ class SequenceCounter:
         """Close the directory (the next call reopens it)."""
         with self._lock:
             fd, self._fd = self._fd, -1
-            self._seen = None
             if fd >= 0:
                 os.close(fd)
 

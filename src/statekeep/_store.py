@@ -165,6 +165,8 @@ class StateStore:
         Before any component is called, the state's manifest must name every registered
         component; ``allow_missing=True`` loads it anyway and skips the components it
         does not hold (a program that has gained a component loading an older state).
+        A directory without a manifest (an older tool's, loaded with ``verify=False``)
+        has nothing to check against: every component is called.
 
         Raises:
             FileNotFoundError: ``state_path`` does not exist.
@@ -174,36 +176,25 @@ class StateStore:
                 ``allow_missing``); no component was called.
         """
         root = os.fspath(state_path)  # str for our own reads; Path only for components
-        names: set[str] | None = None
-        recorded: object = None
         if verify:
-            manifest = _manifest.verify(root)
+            manifest: _manifest.Manifest | None = _manifest.verify(root)
         else:
             try:
                 manifest = _scan.read_manifest(root)
             except CorruptStateError:
-                manifest = None
                 if not os.path.isdir(root):
                     raise FileNotFoundError(f"state {root} does not exist") from None
-                names = set(os.listdir(root))
-        if manifest is not None:
-            recorded = manifest.metadata.get(_scan.components_key)
-            names = {e.path.split("/", 1)[0] for e in manifest.entries}
+                manifest = None  # an older tool's state: nothing to check the names against
         components = list(self._components())
-        if isinstance(recorded, list):
-            missing = [c for c, _ in components if c not in recorded]
-        else:
-            held = names or set()
-            missing = [c for c, _ in components if not any(_holds(n, c) for n in held)]
-        if missing and not allow_missing:
-            present = recorded if isinstance(recorded, list) else sorted(names or ())
-            shown = [str(p) for p in present]
+        missing = [] if manifest is None else _missing(manifest, [c for c, _ in components])
+        if missing and not allow_missing and manifest is not None:
+            present = _present(manifest)
             raise MissingComponentsError(
-                f"state {root} lacks registered components {missing}; it holds {shown}"
+                f"state {root} lacks registered components {missing}; it holds {present}"
                 " (load_state(..., allow_missing=True) loads it without them)",
                 state=root,
                 missing=missing,
-                present=shown,
+                present=present,
             )
         path = Path(root)
         for component, state in components:
@@ -274,8 +265,8 @@ class StateStore:
                         vanished = True
                         break
                     bad.add(entry.path)
-                    # The error names the state and the file; say what we do about it.
-                    logger.warning("statekeep: skipping state: %s; trying an older one", exc)
+                    # The error names the state and the file; say what we do about it, once.
+                    _scan.warn_once(entry.path, exc, "skipping %s (%s); trying an older one")
                     continue
                 except Exception:
                     if os.path.isdir(entry.path):
@@ -304,9 +295,29 @@ class StateStore:
 _MAX_RESCANS = 10_000
 
 
-def _holds(top: str, component: str) -> bool:
-    """Whether a top-level name of a state was written by ``component``."""
-    return top == component or top.startswith(component + ".")
+def _recorded(manifest: _manifest.Manifest) -> list[str] | None:
+    """The components the store recorded at save time (None for states saved before)."""
+    names = manifest.metadata.get(_scan.components_key)
+    if isinstance(names, list) and all(isinstance(n, str) for n in names):
+        return names
+    return None
+
+
+def _present(manifest: _manifest.Manifest) -> list[str]:
+    recorded = _recorded(manifest)
+    if recorded is not None:
+        return recorded
+    return sorted({e.path.split("/", 1)[0] for e in manifest.entries})
+
+
+def _missing(manifest: _manifest.Manifest, registered: list[str]) -> list[str]:
+    """Registered components the state does not hold (a component that wrote nothing is
+    held if the store recorded it; before that, by the top-level names it wrote)."""
+    recorded = _recorded(manifest)
+    if recorded is not None:
+        return [c for c in registered if c not in recorded]
+    tops = {e.path.split("/", 1)[0] for e in manifest.entries}
+    return [c for c in registered if not any(t == c or t.startswith(c + ".") for t in tops)]
 
 
 def _check_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:

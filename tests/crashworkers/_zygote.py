@@ -12,6 +12,7 @@ after its ``pid`` line and before its ``exit`` line. ``quit`` (or end of input) 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import traceback
@@ -45,7 +46,8 @@ def serve(save_loop: Callable[[int, int, bool], None]) -> None:
             os._exit(code)
         os.close(go_r)
         emit(f"pid {pid}")
-        os.write(go_w, b"g")
+        with contextlib.suppress(BrokenPipeError):  # the child was killed before it started
+            os.write(go_w, b"g")
         os.close(go_w)
         _, status = os.waitpid(pid, 0)
         emit(f"exit {pid} {status}")

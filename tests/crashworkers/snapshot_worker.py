@@ -17,6 +17,9 @@ Kept to the standard library and ``statekeep._store`` so that it starts fast.
 ``hold STATES_DIR``
     Opens a work entry in the store's directory, writes ``held PATH``, and waits
     on stdin (to be killed while holding it).
+``hold-fork STATES_DIR``
+    The same, but first forks a child that waits on stdin too (and outlives it);
+    writes ``held PATH CHILD_PID``.
 
 Every file a save writes starts with the save's generation number (``GEN\\n``) and
 continues with a pattern derived from it, so :func:`check_state` can tell a state that
@@ -138,13 +141,20 @@ def writer(states_dir: str, tag: str, count: int, base: int) -> None:
         emit(f"saved {current[0]} {store.save_state()}")
 
 
-def hold(states_dir: str) -> None:
+def hold(states_dir: str, fork: bool = False) -> None:
     from statekeep import _atomic
 
     _atomic.make_root(states_dir, durable=False)
     work = _atomic.Work(states_dir, is_dir=True)
     (work.path / "half-written").write_bytes(b"x" * 100)
-    emit(f"held {work.path}")
+    if fork:  # a child that outlives us, holding copies of our descriptors
+        child = os.fork()
+        if child == 0:
+            sys.stdin.read()
+            os._exit(0)
+        emit(f"held {work.path} {child}")
+    else:
+        emit(f"held {work.path}")
     sys.stdin.read()
 
 
@@ -176,6 +186,8 @@ if __name__ == "__main__":
         writer(args[0], args[1], int(args[2]), int(args[3]))
     elif mode == "hold":
         hold(args[0])
+    elif mode == "hold-fork":
+        hold(args[0], fork=True)
     elif mode == "count":
         count(args[0], int(args[1]), args[2])
     else:

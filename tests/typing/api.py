@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
@@ -24,10 +24,16 @@ from statekeep import (
     CorruptStateError,
     ExecutionContext,
     FileCheckpointStorage,
+    KeepAny,
+    KeepBest,
+    KeepEvery,
+    KeepLatest,
     LatestStatesKeeper,
     MemoryCheckpointStorage,
+    MissingComponentsError,
     PersistentStateMixin,
     RecoverableState,
+    RetentionPolicy,
     SQLiteCheckpointStorage,
     StateExistsError,
     StateInfo,
@@ -37,6 +43,7 @@ from statekeep import (
     StateValidationError,
     StateVersionError,
     StorageError,
+    verify_state,
 )
 
 # --- snapshots ---------------------------------------------------------------------
@@ -77,6 +84,24 @@ def snapshots(states_dir: Path) -> None:
     keeper.stop()
     with LatestStatesKeeper(str(states_dir)) as running:
         assert_type(running, LatestStatesKeeper)
+
+
+def retention(states_dir: Path, store: StateStore) -> None:
+    assert_type(store.save_state(metadata={"step": 3, "loss": 0.5}), Path)
+    store.load_state(states_dir / "x.state", allow_missing=True)
+    assert_type(store.load_latest_state(allow_missing=True), Path | None)
+    info = verify_state(states_dir / "x.state")
+    assert_type(info.sequence, int)
+    assert_type(info.metadata, Mapping[str, Any])
+    policy: RetentionPolicy = KeepBest("loss", 2, "min") | KeepEvery(timedelta(days=1))
+    policy = KeepAny(policy, KeepLatest(1))
+    keeper = LatestStatesKeeper(states_dir, policy=policy)
+    assert_type(keeper.plan(), list[Path])
+    assert_type(policy.keep(store.list_states(), datetime.now(timezone.utc)), set[Path])
+    try:
+        store.load_latest_state()
+    except MissingComponentsError as exc:
+        assert_type(exc.missing, tuple[str, ...])
 
 
 # --- errors --------------------------------------------------------------------------
@@ -175,7 +200,10 @@ def manager(storage: CheckpointStorage) -> None:
     plain = StateManager(storage)
     assert_type(plain, StateManager[ExecutionContext])
     context = ExecutionContext(total_rows=10)
-    assert_type(context.session_id, UUID)
+    assert_type(context.session_id, UUID | str)
+    context.complete_rows(0, count=2)
+    context.update_row(5)
+    assert_type(context.pending_completions, set[int])
     assert_type(context.to_checkpoint(), dict[str, Any])
     assert_type(ExecutionContext.from_checkpoint({"last_processed_row": 3}), ExecutionContext)
     if plain.should_checkpoint(500):

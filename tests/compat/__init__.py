@@ -1,0 +1,1 @@
+"""The peers' own tests, ported to statekeep (see conftest.py)."""
