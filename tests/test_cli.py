@@ -541,6 +541,14 @@ class TestPrune:
         }
         assert sorted(os.listdir(states)) == before
 
+    def test_pattern_chooses_the_states(self, states: Path) -> None:
+        done = run("prune", states, "--keep", "1", "--pattern", "nothing-*", "--json")
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == {"dry_run": False, "removed": [], "kept": []}
+        done = run("prune", states, "--keep", "1", "--pattern", "step-[12].state", "--json")
+        assert json.loads(done.stdout)["removed"] == ["step-1.state"]
+        assert (states / "step-3.state").is_dir()
+
     def test_bad_rules_are_usage_errors(self, states: Path) -> None:
         before = sorted(os.listdir(states))
         usage_error(run("prune", states), "needs a rule")

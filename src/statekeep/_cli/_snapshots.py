@@ -152,7 +152,7 @@ def _scan(states_dir: str, pattern: str | None = None) -> list[Scanned]:
             f"{states_dir}: not a statekeep states directory"
             f" (none of its {len(found)} directories has a {MANIFEST})"
         )
-    if not found:
+    if not found and pattern is None:  # (with a pattern, nothing may match: that is fine)
         if os.path.isfile(f"{states_dir}/{MANIFEST}"):
             fail(
                 f"{states_dir}: is a state, not a states directory"
