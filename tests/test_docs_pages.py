@@ -3,8 +3,9 @@
 Each page's ```python blocks run in order in one namespace, in a fresh working
 directory; before each block a page's prelude supplies what the text leaves to the
 reader (``storage``: some checkpoint storage, ``manager``, ``logger``, a pamiq-core
-directory). Blocks fenced as ```py are shown only: signatures, and before/after imports of
-packages that are not installed here.
+directory, an ondine checkpoint file), and after the last one a postlude checks what the
+blocks should have done. Blocks fenced as ```py are shown only: signatures, and
+before/after imports of packages that are not installed here.
 """
 
 from __future__ import annotations
@@ -26,10 +27,36 @@ session_id = "doc-run"
 logger = logging.getLogger("docs")
 """
 
+# A checkpoint as ondine 2.1.1's LocalFileCheckpointStorage writes it, for the page's
+# migration snippet to copy.
+ONDINE_FILE = """
+import gzip, json
+from pathlib import Path
+ondine_file = Path(".checkpoints/checkpoint_0b5e55f0-0000-4000-8000-000000000007.json.gz")
+if not ondine_file.exists():
+    ondine_file.parent.mkdir(exist_ok=True)
+    context = {"session_id": "0b5e55f0-0000-4000-8000-000000000007", "last_processed_row": 41,
+               "total_rows": 100, "intermediate_data": {"k": 1}, "accumulated_cost": "0.5"}
+    record = {"version": "1.0", "session_id": context["session_id"],
+              "timestamp": "2026-11-29T09:00:00", "data": context}
+    with gzip.open(ondine_file, "wt", encoding="utf-8") as f:
+        json.dump(record, f)
+"""
+
+POSTLUDES = {
+    "docs/coming-from-ondine.md": """
+from statekeep import FileCheckpointStorage, StateManager
+with FileCheckpointStorage(".checkpoints-statekeep") as migrated:
+    back = StateManager(migrated).load_checkpoint("0b5e55f0-0000-4000-8000-000000000007")
+assert back is not None
+assert (back.last_processed_row, back.total_rows, back.data) == (41, 100, {"k": 1})
+""",
+}
+
 PRELUDES = {
     "README.md": "",
     "docs/checkpoints.md": CHECKPOINT_PRELUDE,
-    "docs/coming-from-ondine.md": CHECKPOINT_PRELUDE,
+    "docs/coming-from-ondine.md": CHECKPOINT_PRELUDE + ONDINE_FILE,
     "docs/coming-from-pamiq-core.md": """
 from pathlib import Path
 from statekeep import StateStore
@@ -60,3 +87,4 @@ def test_page_blocks_run(page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPa
                 close = getattr(value, "close", None)
                 if callable(close) and type(value).__module__.startswith("statekeep"):
                     close()
+    exec(compile(POSTLUDES.get(page, ""), f"{page} postlude", "exec"), namespace)
