@@ -6,6 +6,7 @@ import inspect
 import json
 import os
 import pty
+import random
 import re
 import select
 import shlex
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -548,6 +550,39 @@ class TestPrune:
         done = run("prune", states, "--keep", "1", "--pattern", "step-[12].state", "--json")
         assert json.loads(done.stdout)["removed"] == ["step-1.state"]
         assert (states / "step-3.state").is_dir()
+
+    def test_prune_killed_midway_leaves_only_whole_states(self, tmp_path: Path) -> None:
+        """SIGKILL `statekeep prune` among its removals: what stays is whole and verifies."""
+        rng = random.Random(12)
+        rounds, count, midway = 10, 150, 0
+        for round_ in range(rounds):
+            root = tmp_path / f"s{round_}"
+            paths = make_store(root, count, size=2_000)
+            stop_at = rng.randrange(2, count)  # kill once fewer states than this remain
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "statekeep", "prune", str(root), "--keep", "1"],
+                env=_env(),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            deadline = time.monotonic() + TIMEOUT
+            while proc.poll() is None and time.monotonic() < deadline:
+                with os.scandir(root) as it:
+                    if sum(not is_private(e.name) for e in it) < stop_at:
+                        break
+            proc.kill()
+            proc.wait(TIMEOUT)
+            left = sorted(n for n in os.listdir(root) if not is_private(n))
+            if proc.returncode == -signal.SIGKILL and 1 < len(left) < count:
+                midway += 1
+            assert paths[-1].name in left  # the newest is never removed
+            done = run("ls", root, "--verify", "--json")  # nothing half-removed is visible
+            assert done.returncode == 0, done.stderr
+            assert {s["status"] for s in json.loads(done.stdout)["states"]} == {"verified"}
+            assert run("prune", root, "--keep", "1").returncode == 0  # and it finishes
+            assert [n for n in os.listdir(root) if not is_private(n)] == [paths[-1].name]
+        print(f"prune killed among its removals in {midway} of {rounds} rounds")
+        assert midway >= rounds // 2, "too few kills landed among the removals"
 
     def test_bad_rules_are_usage_errors(self, states: Path) -> None:
         before = sorted(os.listdir(states))
