@@ -303,6 +303,17 @@ class TestLs:
         assert done.returncode == 1
         assert "model should be a regular file" in done.stdout
 
+    def test_a_state_pruned_while_verifying_is_not_damage(self, states: Path) -> None:
+        from statekeep._cli import _snapshots
+
+        rows = _snapshots._rows(str(states))  # listed: all three are there
+        shutil.rmtree(states / "step-2.state")  # then a keeper removes one
+        left = _snapshots._verify_rows(rows, show_progress=False)
+        assert [(r.name, r.status) for r in left] == [
+            ("step-1.state", "verified"),
+            ("step-3.state", "verified"),
+        ]
+
     def test_fifo_manifest_does_not_hang(self, states: Path) -> None:
         manifest = states / "step-2.state" / MANIFEST_NAME
         manifest.unlink()

@@ -192,8 +192,12 @@ class Progress:
             self.stream.flush()
 
 
-def _verify_rows(rows: list[Row], show_progress: bool = True) -> None:
-    """Check every unverified row in place (status and problem)."""
+def _verify_rows(rows: list[Row], show_progress: bool = True) -> list[Row]:
+    """Check every unverified row in place (status and problem); return those still there.
+
+    A state removed while we looked (a keeper pruning it) is not damage: it is left out.
+    """
+    gone: set[int] = set()
     progress = Progress(sum(r.size_bytes for r in rows), sys.stderr, show_progress)
     try:
         for i, row in enumerate(rows, 1):
@@ -203,7 +207,7 @@ def _verify_rows(rows: list[Row], show_progress: bool = True) -> None:
                 except CorruptStateError as exc:
                     row.status, row.problem = "damaged", str(exc)
                 except FileNotFoundError:
-                    row.status, row.problem = "damaged", f"state {row.path} was removed meanwhile"
+                    gone.add(i)
                 except OSError as exc:  # EACCES, EIO: this state cannot be checked
                     row.status = "damaged"
                     row.problem = f"state {row.path} cannot be read: {exc}"
@@ -212,6 +216,7 @@ def _verify_rows(rows: list[Row], show_progress: bool = True) -> None:
             progress.advance(row.size_bytes, i, len(rows))
     finally:
         progress.close()
+    return [row for i, row in enumerate(rows, 1) if i not in gone]
 
 
 def _print_rows(rows: list[Row]) -> None:
@@ -255,7 +260,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     """One line per state, newest last."""
     rows = _rows(args.target)
     if args.verify:
-        _verify_rows(rows)
+        rows = _verify_rows(rows)
     if args.json:
         emit_json({"states_dir": args.target, "states": [r.to_json() for r in rows]})
     else:
@@ -302,8 +307,7 @@ def _one(path: Path) -> Row:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Check every file of every state (or of those named)."""
-    rows = _states_of(args.target, args.states)
-    _verify_rows(rows)
+    rows = _verify_rows(_states_of(args.target, args.states))
     if args.json:
         bad = sum(r.status == "damaged" for r in rows)
         emit_json({"states": [r.to_json() for r in rows], "damaged": bad, "checked": len(rows)})
