@@ -595,6 +595,28 @@ class TestPrune:
         print(f"prune killed among its removals in {midway} of {rounds} rounds")
         assert midway >= rounds // 2, "too few kills landed among the removals"
 
+    def test_ls_verify_racing_a_prune_never_reports_damage(self, tmp_path: Path) -> None:
+        """`ls --verify` while another process prunes: 0, and only states that verify."""
+        for round_ in range(10):
+            root = tmp_path / f"s{round_}"
+            paths = make_store(root, 60, size=20_000)
+            pruner = subprocess.Popen(
+                [sys.executable, "-m", "statekeep", "prune", str(root), "--keep", "1"],
+                env=_env(),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                done = run("ls", root, "--verify", "--json")
+            finally:
+                _, err = pruner.communicate(timeout=TIMEOUT)
+            assert pruner.returncode == 0, err
+            assert done.returncode == 0, done.stderr
+            listed = json.loads(done.stdout)["states"]
+            assert {s["status"] for s in listed} == {"verified"}
+            assert listed[-1]["name"] == paths[-1].name
+
     def test_bad_rules_are_usage_errors(self, states: Path) -> None:
         before = sorted(os.listdir(states))
         usage_error(run("prune", states), "needs a rule")
