@@ -29,16 +29,20 @@ if TYPE_CHECKING:  # these load pydantic: imported on first use, by __getattr__ 
     from statekeep._manager import StateManager
     from statekeep._recoverable import RecoverableState
     from statekeep.storage import (
+        BaseCheckpointStorage,
         CheckpointInfo,
         CheckpointStorage,
         FileCheckpointStorage,
         MemoryCheckpointStorage,
+        PostgresCheckpointStorage,
+        S3CheckpointStorage,
         SQLiteCheckpointStorage,
     )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BaseCheckpointStorage",
     "CheckpointInfo",
     "CheckpointStorage",
     "CorruptCheckpointError",
@@ -53,8 +57,10 @@ __all__ = [
     "MemoryCheckpointStorage",
     "MissingComponentsError",
     "PersistentStateMixin",
+    "PostgresCheckpointStorage",
     "RecoverableState",
     "RetentionPolicy",
+    "S3CheckpointStorage",
     "SQLiteCheckpointStorage",
     "StateExistsError",
     "StateInfo",
