@@ -1,7 +1,8 @@
-"""Adapters over names that other parts of statekeep add (DESIGN.md, "Operating it").
+"""The seams between the command and the library: metadata, the keeper, retention by age.
 
-The command is written against the fixed names; where this statekeep predates one of
-them, these functions say so as a usage error instead of failing with a traceback.
+Kept in one place so that the command's modules import the library lazily (``ls`` never
+imports the keeper) and a user's checkpoint backend without ``delete_older_than`` still
+prunes through the protocol's five methods.
 """
 
 from __future__ import annotations
