@@ -853,12 +853,14 @@ class TestRemote:
 
     @pytest.fixture
     def remote_url(self, tmp_path: Path) -> str:
-        publish = pytest.importorskip("statekeep._publish", reason="remote snapshots not landed")
-        remote_pkg = pytest.importorskip("statekeep.remote", reason="remote snapshots not landed")
-        remote = remote_pkg.DirectoryRemote(tmp_path / "remote")
-        for path in make_store(tmp_path / "states", 2):
-            publish.publish_state(remote, path)
-        return f"file://{tmp_path / 'remote'}"
+        url = f"file://{tmp_path / 'remote'}"
+        store = statekeep.StateStore(tmp_path / "states", durable=False, remote=url)
+        store.register("model", Blob(2000))
+        store.register("optim", Blob(100))
+        for i in (1, 2):
+            store.state_name_format = f"step-{i}.state"
+            store.save_state()  # committed locally, then published
+        return url
 
     def test_ls(self, remote_url: str) -> None:
         done = run("ls", remote_url, "--json")
