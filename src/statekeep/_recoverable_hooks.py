@@ -77,7 +77,9 @@ class _Handoff:
     """
 
     def __init__(self) -> None:
-        self._guard = threading.Lock()  # install/uninstall only, never in a handler
+        # install/uninstall only; re-entrant because teardown() may run in a signal handler
+        # that interrupted the main thread inside install or uninstall
+        self._guard = threading.RLock()
         self._users = 0
         self._pid = 0
         self._jobs: SimpleQueue[Callable[[], None] | None] = SimpleQueue()
@@ -120,7 +122,7 @@ class _Handoff:
 
     def _after_fork(self) -> None:
         # The thread does not exist in the child; hooks do nothing there (see module).
-        self._guard = threading.Lock()
+        self._guard = threading.RLock()
         self._users = 0
         self._thread = None
         self._jobs = SimpleQueue()
