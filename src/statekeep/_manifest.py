@@ -174,8 +174,11 @@ def _entry(item: object) -> Entry:
         return Entry(path, True)
     if kind != "file":
         raise _Bad(f"file {path!r} has type {kind!r:.40}, not 'file' or 'dir'")
-    size = _int(item.get("size"), f"the size of {path!r}")
-    return Entry(path, False, size, _int(item.get("crc32"), f"the CRC-32 of {path!r}", 0xFFFFFFFF))
+    size, crc = item.get("size"), item.get("crc32")
+    if type(size) is int and type(crc) is int and 0 <= size <= _MAX_INT and 0 <= crc <= 0xFFFFFFFF:
+        return Entry(path, False, size, crc)  # the common case: no error message built
+    size = _int(size, f"the size of {path!r}")
+    return Entry(path, False, size, _int(crc, f"the CRC-32 of {path!r}", 0xFFFFFFFF))
 
 
 def _created_at(value: object) -> datetime:
@@ -356,12 +359,25 @@ def verify(directory: str | Path) -> Manifest:
     """Check ``directory`` against its manifest: same paths, sizes and checksums.
 
     Raises:
-        FileNotFoundError: ``directory`` does not exist.
+        FileNotFoundError: ``directory`` does not exist (or was removed meanwhile).
         CorruptStateError: anything differs or cannot be read (EACCES, EIO, a FIFO or a
             device where a file should be); the message names the state and the file.
     """
     root = os.fspath(directory)
     manifest = read_manifest(root)
+    try:
+        _check_files(root, manifest)
+    except CorruptStateError:
+        # A state pruned (renamed away) while its files were read looks like one with
+        # files missing: it is gone, not corrupt, and must not be reported as damaged.
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"state {root} was removed while it was verified") from None
+        raise
+    return manifest
+
+
+def _check_files(root: str, manifest: Manifest) -> None:
+    """Compare the tree of ``root`` with ``manifest``; CorruptStateError names the file."""
     try:
         actual = _checksum.kinds(root, MANIFEST_NAME)
     except FileNotFoundError:
@@ -397,4 +413,3 @@ def verify(directory: str | Path) -> Manifest:
     if actual:
         extra = ", ".join(sorted(actual))
         raise CorruptStateError(f"state {root} failed verification: unexpected {extra}")
-    return manifest
