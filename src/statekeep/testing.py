@@ -622,6 +622,8 @@ class CheckpointStorageContract:
     def test_load_with_info_never_pairs_two_saves(self, storage: CheckpointStorage) -> None:
         """While a thread saves pairs with matching data and metadata, reads never mix them."""
         read = _load_with_info(storage)
+        for n in range(20):  # others: a listing of them takes a while
+            storage.save(f"other-{n}", {"n": n}, metadata={"n": -1})
         storage.save("raced", {"n": 0, "pad": ""}, metadata={"n": 0})
 
         def check() -> None:
