@@ -150,3 +150,30 @@ class TestOlderRecordBackends:
         found = storage.load_with_info("s")
         assert found is not None
         assert Counting.reads == 1
+
+
+class TestCommandShow:
+    """``statekeep checkpoints show`` reads one checkpoint, not every checkpoint's header."""
+
+    def test_show_reads_only_its_session(self, tmp_path: Path) -> None:
+        import subprocess
+        import sys
+
+        from statekeep import FileCheckpointStorage
+
+        root = tmp_path / "ck"
+        with FileCheckpointStorage(root, durable=False) as storage:
+            storage.save("alpha", {"row": 41}, metadata={"owner": "etl"})
+        (root / "zulu.ckpt").write_bytes(b"a damaged neighbour\n")
+        src = str(Path(__file__).resolve().parents[1] / "src")
+        done = subprocess.run(
+            [sys.executable, "-m", "statekeep", "checkpoints", "show", str(root), "alpha"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"},
+        )
+        assert done.returncode == 0, done.stderr
+        assert "metadata  owner=etl" in done.stdout
+        assert "zulu" not in done.stderr, "show read another session's checkpoint"
