@@ -698,8 +698,9 @@ class CheckpointStorageContract:
             )
             for version, model in ((1, _V1()), (2, _V2(written_as=2)))
         ]
+        for writer in writers:  # both start from their defaults: nothing is persisted yet
+            assert writer.initialize().written_as == (1 if writer is writers[0] else 2)
         for writer in writers:
-            writer.initialize()
             writer.persist_state()
 
         def save(n: int) -> None:
