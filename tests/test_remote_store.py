@@ -20,8 +20,10 @@ from statekeep import (
     StateExistsError,
     StateStore,
     StorageError,
+    verify_state,
 )
 from statekeep import _publish as pub
+from statekeep._manifest import MANIFEST_NAME
 from statekeep.remote import DirectoryRemote, Remote, S3Remote
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -251,3 +253,143 @@ class TestKeeperRemoteDown:
             assert len(keeper.cleanup()) == 2
         assert "could not prune" in caplog.text
         assert "injected" in caplog.text
+
+
+def _down_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "could not consult remote" in r.getMessage()
+    ]
+
+
+class TestRemoteDown:
+    """A remote that cannot be reached never stops a local resume."""
+
+    @pytest.mark.timeout(120)
+    def test_s3_server_killed(
+        self, own_s3_server: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Server SIGKILLed: the restarted program loads its newest local state, lists the
+        local states (one warning), a save commits locally and raises StorageError naming
+        it; with the server back, the next save publishes both."""
+        bucket = own_s3_server.new_bucket()
+        url = f"s3://{bucket}/down"
+        store, value = store_with(
+            tmp_path / "m",
+            S3Remote(url, client=own_s3_server.client()),
+            state_name_format="s%f.state",
+        )
+        for i in range(2):
+            value.value = i
+            last = store.save_state()
+        own_s3_server.kill()
+        again, got = store_with(
+            tmp_path / "m",
+            S3Remote(url, client=own_s3_server.client(connect_timeout=1)),
+            state_name_format="s%f.state",
+        )
+        with caplog.at_level(logging.WARNING, "statekeep"):
+            assert again.load_latest_state() == last
+            assert got.value == 1
+            listing = again.list_states()
+            assert again.latest_state() == last
+            assert again.list_states() == listing
+        assert [s.location for s in listing] == ["local", "local"]
+        warned = _down_warnings(caplog)
+        assert len(warned) == 1, warned
+        assert "S3 list" in warned[0]
+        got.value = 2
+        with pytest.raises(StorageError, match="committed locally") as info:
+            again.save_state()
+        third = again.list_states()[-1].path
+        assert str(third) in str(info.value)
+        own_s3_server.start()
+        fourth = again.save_state()
+        assert [(s.path, s.location) for s in again.list_states()][-2:] == [
+            (third, "both"),
+            (fourth, "both"),
+        ]
+
+    def test_directory_remote_failing(
+        self, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Every remote read fails (a network disk gone): local load and listing go on."""
+        store, value = store_with(tmp_path / "m", DirectoryRemote(tmp_path / "r"))
+        value.value = "kept"
+        last = store.save_state()
+        remote = DirectoryRemote(tmp_path / "r")
+
+        def down(prefix: str, *, start_after: str = "") -> Any:
+            raise StorageError(5, "injected: the network disk is gone")
+
+        remote.list = down  # type: ignore[method-assign]
+        again, got = store_with(tmp_path / "m", remote)
+        with caplog.at_level(logging.WARNING, "statekeep"):
+            assert again.load_latest_state() == last
+            assert [s.location for s in again.list_states()] == ["local"]
+        assert got.value == "kept"
+        assert len(_down_warnings(caplog)) == 1
+        assert "network disk is gone" in _down_warnings(caplog)[0]
+
+
+class TestDamagedLocalCopy:
+    """A local copy that fails verification does not hide a good remote copy."""
+
+    def test_damaged_file_is_replaced(
+        self, make_remote: Callable[[], Remote], tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        store, value = store_with(tmp_path / "m", make_remote(), state_name_format="s%f.state")
+        for i in range(2):
+            value.value = f"value {i}"
+            last = store.save_state()
+        (last / "value").write_text('"value X"')  # same size, other bytes
+        again, got = store_with(tmp_path / "m", make_remote(), state_name_format="s%f.state")
+        with caplog.at_level(logging.WARNING, "statekeep"):
+            assert again.load_latest_state() == last
+        assert got.value == "value 1"
+        assert "replaced it by its remote copy" in caplog.text
+        verify_state(last)
+        assert [s.location for s in again.list_states()] == ["both", "both"]
+        assert sorted(os.listdir(tmp_path / "m")) == sorted(
+            s.path.name for s in again.list_states()
+        )
+
+    def test_damaged_manifest_is_listed_remote_and_replaced(
+        self, make_remote: Callable[[], Remote], tmp_path: Path
+    ) -> None:
+        store, value = store_with(tmp_path / "m", make_remote(), state_name_format="s%f.state")
+        for i in range(2):
+            value.value = i
+            last = store.save_state()
+        (last / MANIFEST_NAME).write_bytes(b"garbage")
+        again, got = store_with(tmp_path / "m", make_remote(), state_name_format="s%f.state")
+        listing = again.list_states()
+        assert [(s.path, s.location) for s in listing][-1] == (last, "remote")
+        assert again.latest_state() == last
+        assert again.load_latest_state() == last
+        assert got.value == 1
+        verify_state(last)
+        assert again.list_states()[-1].location == "both"
+
+    def test_remote_copy_damaged_too(
+        self, make_remote: Callable[[], Remote], tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Both copies bad: the older state loads, the damaged local one is left as it was."""
+        remote = make_remote()
+        store, value = store_with(tmp_path / "m", remote, state_name_format="s%f.state")
+        for i in range(2):
+            value.value = f"value {i}"
+            last = store.save_state()
+        (last / "value").write_text('"value X"')
+        newest = pub.read_remote_states(remote)[0][-1]
+        key = f"{newest.data_prefix()}value"
+        remote.delete([key])
+        remote.put_if_absent(key, io.BytesIO(b'"value Y"'), 9)
+        again, got = store_with(tmp_path / "m", make_remote(), state_name_format="s%f.state")
+        with caplog.at_level(logging.WARNING, "statekeep"):
+            loaded = again.load_latest_state()
+        assert loaded is not None and loaded != last
+        assert got.value == "value 0"
+        assert (last / "value").read_text() == '"value X"'
+        assert "cannot replace damaged" in caplog.text

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fnmatch
 import io
 import logging
@@ -270,12 +271,20 @@ def _download_file(remote: Remote, key: str, path: str, entry: Entry, durable: b
 
 
 def restore_state(
-    remote: Remote, rs: RemoteState, states_dir: str | Path, *, durable: bool
+    remote: Remote,
+    rs: RemoteState,
+    states_dir: str | Path,
+    *,
+    durable: bool,
+    replacing: Callable[[], None] | None = None,
 ) -> Path:
     """Download ``rs`` into ``states_dir`` as a committed state, verified on the way in.
 
     Built in a private work entry and renamed into place (never over an existing state),
-    exactly as a local save; a crash leaves nothing visible.
+    exactly as a local save; a crash leaves nothing visible. ``replacing`` (called once
+    the download has verified, just before the rename) takes a damaged local copy of
+    the same name out of the way: a crash between the two leaves no state of that name
+    locally, and the remote copy still there.
 
     Raises:
         CorruptStateError: a file is missing, of the wrong size or CRC-32 on the remote.
@@ -334,6 +343,8 @@ def restore_state(
                 if entry.is_dir:
                     _atomic.fsync_dir(f"{work.spath}/{entry.path}")
             os.fsync(work.fd)
+        if replacing is not None:
+            replacing()
         _atomic.rename_noreplace(work.spath, final)
     except BaseException:
         work.discard()
@@ -415,11 +426,26 @@ class Publisher:
         self._cache: dict[str, tuple[datetime, int, RemoteState]] = {}
         self._failed: set[str] = set()
         self._checked = False  # whether this process has looked for unpublished states
+        self._down = False  # whether the remote's outage has been logged (once per outage)
         self._lock = _fork.new_lock()
         _fork.on_fork_child(self._after_fork)
 
     def _after_fork(self) -> None:
         self._lock = _fork.new_lock()
+
+    def unreachable(self, exc: StorageError, doing: str) -> None:
+        """Log, once per outage, that the remote could not be consulted (and why)."""
+        with self._lock:
+            first, self._down = not self._down, True
+        if first:
+            logger.warning(
+                "statekeep: could not consult remote %r (%s); %s", self.remote, exc, doing
+            )
+
+    def reachable(self) -> None:
+        """The remote answered: a later outage is logged again."""
+        with self._lock:
+            self._down = False
 
     def counter(self) -> RemoteCounter:
         return RemoteCounter(self.root, self.remote)
@@ -431,6 +457,7 @@ class Publisher:
         good, bad = read_remote_states(self.remote, cache)
         with self._lock:
             self._cache = cache
+            self._down = False
         for name, exc in bad:
             logger.warning("statekeep: skipping remote state %s: %s", name, exc)
         return good
@@ -514,28 +541,80 @@ class Publisher:
         """``local`` (a store's states) merged with the remote's, by sequence, each
         saying where it lives; a remote-only state's path is where it would be pulled.
 
-        A remote state whose name is taken locally by something that is not a listed
-        state (a damaged one) is left out, as :meth:`pull_newest` leaves it alone.
+        A remote state whose local directory has a manifest that cannot be read (a
+        damaged copy, which :meth:`pull_newest` replaces) is listed as ``remote``. A
+        remote that cannot be reached gives ``local`` alone, with a warning (once).
         """
+        try:
+            remote_states = self.states()
+        except StorageError as exc:
+            self.unreachable(exc, "listing local states only")
+            return local
         infos = {info.path.name: info for info in local}
-        for rs in self.states():
+        for rs in remote_states:
             info = infos.get(rs.name)
             if info is not None:
                 infos[rs.name] = dataclasses.replace(info, location="both")
-            elif not os.path.lexists(f"{self.root}/{rs.name}"):
+            elif not os.path.lexists(path := f"{self.root}/{rs.name}") or _damaged(path):
                 info = _scan.info_of(Path(self.root, rs.name), rs.manifest)
                 infos[rs.name] = dataclasses.replace(info, location="remote")
         return sorted(infos.values(), key=lambda i: (i.sequence, i.path.name))
 
-    def pull(self, rs: RemoteState) -> Path:
+    def repair(self, path: str, problem: BaseException) -> bool:
+        """Replace the damaged local copy at ``path`` by its remote copy, if that verifies.
+
+        The remote copy is downloaded and verified first; only then is the damaged
+        directory discarded (:func:`statekeep._atomic.discard_committed`) and the good
+        one renamed into its place. Returns whether it was; never raises for the
+        remote (an outage or a damaged remote copy is logged and the damaged local
+        copy is left as it was).
+        """
+        name = os.path.basename(path)
+        try:
+            rs = next((r for r in self.states() if r.name == name), None)
+            if rs is None:
+                return False
+            before = os.lstat(path)
+            self.pull(rs, replacing=lambda: self._discard_if_same(path, before))
+        except StorageError as exc:
+            self.unreachable(exc, f"cannot replace the damaged local copy {path}")
+            return False
+        except (CorruptStateError, StateExistsError, OSError) as exc:
+            logger.warning(
+                "statekeep: cannot replace damaged %s from %r: %s", path, self.remote, exc
+            )
+            return False
+        logger.warning(
+            "statekeep: local copy %s failed verification (%s); replaced it by its remote copy"
+            " from %r",
+            path,
+            problem,
+            self.remote,
+        )
+        return True
+
+    def _discard_if_same(self, path: str, before: os.stat_result) -> None:
+        """Discard ``path`` if it is still the damaged directory seen (not a good copy
+        another loader put there meanwhile: then that one stays and ours is dropped)."""
+        try:
+            now = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if (now.st_dev, now.st_ino) != (before.st_dev, before.st_ino):
+            raise StateExistsError(errno.EEXIST, f"state {path} was replaced meanwhile", path)
+        _atomic.discard_committed(Path(self.root), Path(path))
+
+    def pull(self, rs: RemoteState, replacing: Callable[[], None] | None = None) -> Path:
         """Bring ``rs`` into the states directory (see :func:`restore_state`)."""
-        return restore_state(self.remote, rs, self.root, durable=self.durable)
+        return restore_state(self.remote, rs, self.root, durable=self.durable, replacing=replacing)
 
     def pull_newest(self, newer_than: int) -> Path | None:
         """Pull the newest remote state above sequence ``newer_than`` that verifies.
 
         Each newer one that fails is skipped with a warning naming the object, as
-        locally. Returns the local path of the state pulled, or None.
+        locally. A local directory of that name whose manifest cannot be read is
+        replaced by the remote copy (see :meth:`repair`). Returns the local path of the
+        state pulled, or None.
 
         Raises:
             StorageError: the remote failed (nothing was loaded or half-pulled).
@@ -543,7 +622,11 @@ class Publisher:
         for rs in reversed(self.states()):
             if rs.sequence <= newer_than:
                 return None
-            if os.path.lexists(f"{self.root}/{rs.name}"):
+            path = f"{self.root}/{rs.name}"
+            if os.path.lexists(path):
+                problem = _damaged(path)
+                if problem is not None and self.repair(path, problem):
+                    return Path(path)
                 continue  # a local entry of that name: the local loader decides about it
             try:
                 path = self.pull(rs)
@@ -555,6 +638,20 @@ class Publisher:
             logger.info("statekeep: restored state %s from %r", rs.name, self.remote)
             return path
         return None
+
+
+def _damaged(path: str) -> CorruptStateError | None:
+    """Why the local directory ``path`` has no readable manifest (None if it has one,
+    or is not a directory: only a damaged state is replaced)."""
+    if not os.path.isdir(path) or os.path.islink(path):
+        return None
+    try:
+        _scan.read_manifest(path)
+    except CorruptStateError as exc:
+        return exc
+    except FileNotFoundError:
+        return None
+    return None
 
 
 Chooser = Callable[[list[RemoteState], Callable[[RemoteState], bool]], Iterable[str]]
