@@ -25,6 +25,7 @@ import io
 import logging
 import os
 import secrets
+import threading
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -225,7 +226,21 @@ def read_remote_states(
     return good, bad
 
 
-def _download_file(remote: Remote, key: str, path: str, entry: Entry, durable: bool) -> None:
+class _Stopped(Exception):
+    """Another file of the same restore failed, or the restoring thread was interrupted."""
+
+
+def _download_file(
+    remote: Remote, key: str, path: str, entry: Entry, durable: bool, stop: threading.Event
+) -> None:
+    """Download one file, checking its size and CRC-32 as the bytes arrive.
+
+    Every GET is bounded: at most ``entry.size + 1`` bytes are asked for, a short part
+    ends the file, and ``stop`` (set when the restore gives up, or its thread is
+    interrupted) is checked before each request, so no worker outlives its restore.
+    """
+    if stop.is_set():
+        raise _Stopped(key)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
     try:
         crc = 0
@@ -245,6 +260,8 @@ def _download_file(remote: Remote, key: str, path: str, entry: Entry, durable: b
                     if len(pending) >= WINDOW:
                         break
                 while pending:
+                    if stop.is_set():
+                        raise _Stopped(key)
                     data = pending.popleft().result()
                     crc = zlib.crc32(data, crc)
                     got += len(data)
@@ -307,19 +324,32 @@ def restore_state(
                     ) from None
             else:
                 files.append(entry)
+        stop = threading.Event()
+        errors: list[BaseException] = []
         with ThreadPoolExecutor(max(min(len(files), FILES_IN_FLIGHT), 1), "statekeep-pull") as pool:
-            futures = [
-                pool.submit(
-                    _download_file, remote, prefix + e.path, f"{work.spath}/{e.path}", e, durable
-                )
-                for e in files
-            ]
-            errors: list[BaseException] = []
-            for fut in futures:
-                try:
-                    fut.result()
-                except BaseException as exc:
-                    errors.append(exc)
+            try:
+                futures = [
+                    pool.submit(
+                        _download_file,
+                        remote,
+                        prefix + e.path,
+                        f"{work.spath}/{e.path}",
+                        e,
+                        durable,
+                        stop,
+                    )
+                    for e in files
+                ]
+                for fut in futures:
+                    try:
+                        fut.result()
+                    except _Stopped:
+                        pass
+                    except Exception as exc:
+                        errors.append(exc)
+                        stop.set()  # the restore fails: the other files stop early
+            finally:
+                stop.set()  # also when this thread is interrupted: no worker runs on
         if errors:
             first = errors[0]
             if isinstance(first, FileNotFoundError):
