@@ -47,4 +47,4 @@ def test_page_blocks_run(page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPa
     for name, value in namespace.items():  # a test function shown on the page runs too
         if name.startswith("test_") and callable(value):
             value()
-    assert not [t for t in threading.enumerate() if t.name.startswith("statekeep-")]
+    assert not [t for t in threading.enumerate() if t.name.startswith("statekeep-autosave-")]

@@ -317,3 +317,45 @@ class TestSigtermGrace:
                 child.kill()
                 child.communicate()
         assert child.returncode == -signal.SIGTERM, err
+
+
+# The parent persists on exit and on SIGTERM; a forked child changes its copy and exits
+# normally (atexit runs), then another is terminated by SIGTERM. Neither may write the
+# parent's key: only the parent's own teardown does.
+FORKED_HOOKS = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pydantic import BaseModel
+    from statekeep import FileCheckpointStorage, RecoverableState
+
+    class Count(BaseModel):
+        n: int = 0
+
+    storage = FileCheckpointStorage(sys.argv[1], durable=False)
+    state = RecoverableState(default_state=Count(), persist_state_key="job",
+                             persistence_enabled=True, storage=storage, persist_on_exit=True)
+    state.initialize()
+    with state.update() as value:
+        value.n = 1
+    state.persist_state()
+    for how in ("exit", "sigterm"):
+        pid = os.fork()
+        if pid == 0:
+            with state.update() as value:
+                value.n = 99
+            if how == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)
+            sys.exit(0)
+        _, status = os.waitpid(pid, 0)
+        print(how, os.waitstatus_to_exitcode(status), storage.load("job")["n"], flush=True)
+    """
+)
+
+
+class TestForkedChildHooks:
+    """A forked child inherits the value, not the hooks: it never writes the parent's key."""
+
+    def test_child_exit_and_sigterm_do_not_persist(self, tmp_path: Path) -> None:
+        result = run_python(FORKED_HOOKS, str(tmp_path / "ckpt"), timeout=WAIT)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == ["exit 0 1", f"sigterm {-signal.SIGTERM} 1"]

@@ -50,6 +50,8 @@ _logger = logging.getLogger("statekeep")
 
 Persist = Callable[[], None]
 
+_RELEASE_WAIT = 1.0  # seconds teardown waits for an idle SIGTERM helper to end
+
 
 def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
@@ -77,7 +79,9 @@ class _Handoff:
     """
 
     def __init__(self) -> None:
-        self._guard = threading.Lock()  # install/uninstall only, never in a handler
+        # install/uninstall only; re-entrant because teardown() may run in a signal handler
+        # that interrupted the main thread inside install or uninstall
+        self._guard = threading.RLock()
         self._users = 0
         self._pid = 0
         self._jobs: SimpleQueue[Callable[[], None] | None] = SimpleQueue()
@@ -103,16 +107,19 @@ class _Handoff:
     def release(self) -> None:
         """One hook fewer; the last one stops the thread once its queued jobs are done.
 
-        It does not wait for the thread: ``teardown()`` may be called from the
-        application's own SIGTERM handler, while a queued save waits for a lock the
-        interrupted main thread holds.
+        It waits for the thread a bounded time only: ``teardown()`` may be called from
+        the application's own SIGTERM handler, while a queued save waits for a lock the
+        interrupted main thread holds; the thread then ends once that save is done.
         """
+        thread = None
         with self._guard:
             self._users -= 1
             if self._users <= 0 and self._thread is not None:
                 self._users = 0
                 self._jobs.put(None)
-                self._thread = None
+                thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(_RELEASE_WAIT)
 
     def submit(self, work: Callable[[], None]) -> None:
         """Run ``work`` in the hand-off thread. Safe in a signal handler."""
@@ -120,7 +127,7 @@ class _Handoff:
 
     def _after_fork(self) -> None:
         # The thread does not exist in the child; hooks do nothing there (see module).
-        self._guard = threading.Lock()
+        self._guard = threading.RLock()
         self._users = 0
         self._thread = None
         self._jobs = SimpleQueue()
