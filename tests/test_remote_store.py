@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -155,6 +156,29 @@ class TestKeeperWithRemote:
         assert [s.location for s in store.list_states()] == ["both", "both"]
         kept = {o.key.split("/")[1] for o in remote.list(pub.DATA)}
         assert kept == set(remote_names)
+
+    def test_plan_remote_names_what_cleanup_removes(
+        self, make_remote: Callable[[], Remote], tmp_path: Path
+    ) -> None:
+        """plan_remote() removes nothing and names exactly the remote states cleanup() removes,
+        a remote-only one included (which plan(), local paths only, cannot name)."""
+        remote = make_remote()
+        store, value = store_with(tmp_path / "m1", remote, state_name_format="s%f.state")
+        saved = []
+        for i in range(4):
+            value.value = i
+            saved.append(store.save_state())
+        shutil.rmtree(saved[0])  # now only on the remote
+        keeper = LatestStatesKeeper(tmp_path / "m1", "s*.state", max_keep=2, remote=remote)
+        before = [s.name for s in pub.read_remote_states(remote)[0]]
+        planned = keeper.plan_remote()
+        assert planned == [saved[0].name, saved[1].name]
+        assert keeper.plan() == [saved[1]]
+        assert [s.name for s in pub.read_remote_states(remote)[0]] == before
+        keeper.cleanup()
+        after = [s.name for s in pub.read_remote_states(remote)[0]]
+        assert sorted(set(before) - set(after)) == planned
+        assert LatestStatesKeeper(tmp_path / "m1", max_keep=2).plan_remote() == []
 
 
 class TestFreshProcess:
@@ -389,7 +413,8 @@ class TestDamagedLocalCopy:
         again, got = store_with(tmp_path / "m", make_remote(), state_name_format="s%f.state")
         with caplog.at_level(logging.WARNING, "statekeep"):
             loaded = again.load_latest_state()
-        assert loaded is not None and loaded != last
+        assert loaded is not None
+        assert loaded != last
         assert got.value == "value 0"
         assert (last / "value").read_text() == '"value X"'
         assert "cannot replace damaged" in caplog.text

@@ -47,6 +47,7 @@ __all__ = [
     "by_policy",
     "claim_sequence",
     "keep_latest",
+    "plan_prune",
     "prune_remote",
     "publish_state",
     "read_remote_states",
@@ -720,6 +721,29 @@ def by_policy(
     return choose
 
 
+def _doomed(remote: Remote, states: list[RemoteState], choose: Chooser) -> list[RemoteState]:
+    """The states ``choose`` removes, oldest first (verifying by one LIST each, on demand)."""
+    checked: dict[str, bool] = {}
+
+    def verifies(rs: RemoteState) -> bool:
+        if rs.name not in checked:
+            checked[rs.name] = verify_listing(remote, rs)
+        return checked[rs.name]
+
+    names = set(choose(states, verifies))
+    return [rs for rs in states if rs.name in names]
+
+
+def plan_prune(remote: Remote, choose: Chooser) -> list[str]:
+    """The names of the states :func:`prune_remote` would remove now; removes nothing.
+
+    Raises:
+        StorageError: the remote failed.
+    """
+    states, _ = read_remote_states(remote)
+    return [rs.name for rs in _doomed(remote, states, choose)]
+
+
 def prune_remote(
     remote: Remote,
     max_keep: int = -1,
@@ -740,15 +764,7 @@ def prune_remote(
     """
     now = now or datetime.now(timezone.utc)
     states, bad = read_remote_states(remote)
-    checked: dict[str, bool] = {}
-
-    def verifies(rs: RemoteState) -> bool:
-        if rs.name not in checked:
-            checked[rs.name] = verify_listing(remote, rs)
-        return checked[rs.name]
-
-    names = set((choose or keep_latest(max_keep))(states, verifies))
-    doomed = [rs for rs in states if rs.name in names]
+    doomed = _doomed(remote, states, choose or keep_latest(max_keep))
     removed: list[str] = []
     for rs in doomed:
         remote.delete([f"{STATES}{rs.name}"])
