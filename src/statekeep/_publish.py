@@ -653,11 +653,11 @@ class Publisher:
         for rs in reversed(self.states()):
             if rs.sequence <= newer_than:
                 return None
-            path = f"{self.root}/{rs.name}"
-            if os.path.lexists(path):
-                problem = _damaged(path)
-                if problem is not None and self.repair(path, problem):
-                    return Path(path)
+            local = f"{self.root}/{rs.name}"
+            if os.path.lexists(local):
+                problem = _damaged(local)
+                if problem is not None and self.repair(local, problem):
+                    return Path(local)
                 continue  # a local entry of that name: the local loader decides about it
             try:
                 path = self.pull(rs)
