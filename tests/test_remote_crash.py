@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from crashworkers.snapshot_worker import payload
-from statekeep import _publish
+from statekeep import _remote_prune, _remote_states, _restore
 from statekeep.remote import DirectoryRemote, Remote, S3Remote
 from test_crash_snapshots import LineReader
 
@@ -80,7 +80,7 @@ class Checker:
 
     def after_kill(self, saved: list[tuple[int, Path]]) -> None:
         run = self.run
-        states, bad = _publish.read_remote_states(self.remote)
+        states, bad = _remote_states.read_remote_states(self.remote)
         if bad:
             run.failures.append(f"kill {run.kills}: damaged remote manifests {bad}")
         by_name = {s.name: s for s in states}
@@ -90,7 +90,7 @@ class Checker:
             target = self.scratch / f"k{run.kills}-{rs.name}"
             target.mkdir()
             try:
-                path = _publish.restore_state(self.remote, rs, target, durable=False)
+                path = _restore.restore_state(self.remote, rs, target, durable=False)
                 gen = check_restored(path)
                 if f"{gen}.state" != rs.name:
                     run.failures.append(f"kill {run.kills}: {rs.name} holds gen {gen}")
@@ -190,8 +190,8 @@ def assert_campaign(run: Campaign, remote: Remote, kills: int, min_mid: int) -> 
     assert run.mid_publish >= min_mid, "too few kills landed between commit and publish"
     assert run.pending_published > 0
     # The keeper's sweep (grace 0) reclaims every file a killed publisher left unpublished.
-    states, _ = _publish.read_remote_states(remote)
-    _publish.prune_remote(remote, -1, grace=timedelta(0))
+    states, _ = _remote_states.read_remote_states(remote)
+    _remote_prune.prune_remote(remote, -1, grace=timedelta(0))
     live = {rs.data_prefix() for rs in states}
     stray = [o.key for o in remote.list("data/") if not any(o.key.startswith(p) for p in live)]
     assert stray == []

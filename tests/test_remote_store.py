@@ -21,9 +21,9 @@ from statekeep import (
     StateExistsError,
     StateStore,
     StorageError,
+    _remote_states,
     verify_state,
 )
-from statekeep import _publish as pub
 from statekeep._manifest import MANIFEST_NAME
 from statekeep.remote import DirectoryRemote, Remote, S3Remote
 
@@ -89,7 +89,7 @@ class TestSaveAndRestore:
         for i in range(2):
             value.value = f"value {i}"
             store.save_state()
-        newest = pub.read_remote_states(remote)[0][-1]
+        newest = _remote_states.read_remote_states(remote)[0][-1]
         key = f"{newest.data_prefix()}value"
         data = bytearray(remote.get(key))
         data[2] ^= 1
@@ -151,10 +151,10 @@ class TestKeeperWithRemote:
             saved.append(store.save_state())
         keeper = LatestStatesKeeper(tmp_path / "m1", "s*.state", max_keep=2, remote=remote)
         keeper.cleanup()
-        remote_names = [s.name for s in pub.read_remote_states(remote)[0]]
+        remote_names = [s.name for s in _remote_states.read_remote_states(remote)[0]]
         assert remote_names == [p.name for p in saved[-2:]]
         assert [s.location for s in store.list_states()] == ["both", "both"]
-        kept = {o.key.split("/")[1] for o in remote.list(pub.DATA)}
+        kept = {o.key.split("/")[1] for o in remote.list(_remote_states.DATA)}
         assert kept == set(remote_names)
 
     def test_plan_remote_names_what_cleanup_removes(
@@ -170,13 +170,13 @@ class TestKeeperWithRemote:
             saved.append(store.save_state())
         shutil.rmtree(saved[0])  # now only on the remote
         keeper = LatestStatesKeeper(tmp_path / "m1", "s*.state", max_keep=2, remote=remote)
-        before = [s.name for s in pub.read_remote_states(remote)[0]]
+        before = [s.name for s in _remote_states.read_remote_states(remote)[0]]
         planned = keeper.plan_remote()
         assert planned == [saved[0].name, saved[1].name]
         assert keeper.plan() == [saved[1]]
-        assert [s.name for s in pub.read_remote_states(remote)[0]] == before
+        assert [s.name for s in _remote_states.read_remote_states(remote)[0]] == before
         keeper.cleanup()
-        after = [s.name for s in pub.read_remote_states(remote)[0]]
+        after = [s.name for s in _remote_states.read_remote_states(remote)[0]]
         assert sorted(set(before) - set(after)) == planned
         assert LatestStatesKeeper(tmp_path / "m1", max_keep=2).plan_remote() == []
 
@@ -406,7 +406,7 @@ class TestDamagedLocalCopy:
             value.value = f"value {i}"
             last = store.save_state()
         (last / "value").write_text('"value X"')
-        newest = pub.read_remote_states(remote)[0][-1]
+        newest = _remote_states.read_remote_states(remote)[0][-1]
         key = f"{newest.data_prefix()}value"
         remote.delete([key])
         remote.put_if_absent(key, io.BytesIO(b'"value Y"'), 9)

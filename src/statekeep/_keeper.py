@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
 
-from statekeep import _atomic, _fork, _publish, _scan, _sequence
+from statekeep import _atomic, _fork, _remote_prune, _scan, _sequence
 from statekeep._order import (
     EntryKind,
     KeepLatest,
@@ -183,10 +183,10 @@ class LatestStatesKeeper:
         """
         if self.remote is None:
             return []
-        return _publish.plan_prune(self.remote, self._remote_chooser(now))
+        return _remote_prune.plan_prune(self.remote, self._remote_chooser(now))
 
-    def _remote_chooser(self, now: datetime | None = None) -> _publish.Chooser:
-        return _publish.by_policy(
+    def _remote_chooser(self, now: datetime | None = None) -> _remote_prune.Chooser:
+        return _remote_prune.by_policy(
             self._policy(),
             self.state_name_pattern,
             now or datetime.now(timezone.utc),
@@ -214,7 +214,7 @@ class LatestStatesKeeper:
             removed.append(path)
         if self.remote is not None:
             try:
-                _publish.prune_remote(self.remote, choose=self._remote_chooser())
+                _remote_prune.prune_remote(self.remote, choose=self._remote_chooser())
             except StorageError as exc:  # the local pass is done; the next pass retries
                 logger.error("statekeep: could not prune %r: %s", self.remote, exc)
         return removed
