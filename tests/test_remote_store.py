@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -395,6 +396,42 @@ class TestDamagedLocalCopy:
         assert got.value == 1
         verify_state(last)
         assert again.list_states()[-1].location == "both"
+
+    @pytest.mark.timeout(120)
+    def test_two_loaders_repair_at_once(self, tmp_path: Path) -> None:
+        """Two stores on one directory load while its newest copy is damaged, 30 rounds:
+        both load the newest value, nothing raises, one good copy is left."""
+        remote = DirectoryRemote(tmp_path / "r")
+        store, value = store_with(tmp_path / "m", remote, state_name_format="s%f.state")
+        value.value = "old"
+        store.save_state()
+        for round_ in range(30):
+            value.value = f"new {round_}"
+            last = store.save_state()
+            (last / "value").write_text('"x"')
+            loaders = [store_with(tmp_path / "m", DirectoryRemote(tmp_path / "r")) for _ in "ab"]
+            barrier = threading.Barrier(2, timeout=30)
+            results: list[object] = []
+
+            def load(
+                s: StateStore, barrier: threading.Barrier = barrier, results: list[object] = results
+            ) -> None:
+                barrier.wait()
+                try:
+                    results.append(s.load_latest_state())
+                except BaseException as exc:  # reported below, with the round
+                    results.append(exc)
+
+            threads = [threading.Thread(target=load, args=(s,)) for s, _ in loaders]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert not any(t.is_alive() for t in threads), round_
+            assert results == [last, last], round_
+            assert [v.value for _, v in loaders] == [f"new {round_}"] * 2, round_
+            verify_state(last)
+            assert not [n for n in os.listdir(tmp_path / "m") if n.startswith(".")], round_
 
     def test_remote_copy_damaged_too(
         self, make_remote: Callable[[], Remote], tmp_path: Path, caplog: pytest.LogCaptureFixture

@@ -275,11 +275,10 @@ class Publisher:
     def repair(self, path: str, problem: BaseException) -> bool:
         """Replace the damaged local copy at ``path`` by its remote copy, if that verifies.
 
-        The remote copy is downloaded and verified first; only then is the damaged
-        directory discarded (:func:`statekeep._atomic.discard_committed`) and the good
-        one renamed into its place. Returns whether it was; never raises for the
-        remote (an outage or a damaged remote copy is logged and the damaged local
-        copy is left as it was).
+        The remote copy is downloaded and verified first; only then does it take the
+        damaged directory's place (see :meth:`_swap_if_same`). Returns whether it did
+        (or another loader's copy did); never raises for the remote (an outage or a
+        damaged remote copy is logged and the damaged local copy is left as it was).
         """
         name = os.path.basename(path)
         try:
@@ -287,11 +286,16 @@ class Publisher:
             if rs is None:
                 return False
             before = os.lstat(path)
-            self.pull(rs, replacing=lambda: self._discard_if_same(path, before))
+            self.pull(rs, replacing=lambda work, final: self._swap_if_same(work, final, before))
         except StorageError as exc:
             self.unreachable(exc, f"cannot replace the damaged local copy {path}")
             return False
-        except (CorruptStateError, StateExistsError, OSError) as exc:
+        except StateExistsError:
+            # Another loader put its copy in place meanwhile: ours is dropped; the caller
+            # verifies theirs like any state.
+            logger.info("statekeep: %s was replaced by another loader meanwhile", path)
+            return True
+        except (CorruptStateError, OSError) as exc:
             logger.warning(
                 "statekeep: cannot replace damaged %s from %r: %s", path, self.remote, exc
             )
@@ -305,18 +309,27 @@ class Publisher:
         )
         return True
 
-    def _discard_if_same(self, path: str, before: os.stat_result) -> None:
-        """Discard ``path`` if it is still the damaged directory seen (not a good copy
-        another loader put there meanwhile: then that one stays and ours is dropped)."""
+    def _swap_if_same(self, work: str, path: str, before: os.stat_result) -> bool:
+        """Put the verified ``work`` in place of ``path`` if that is still the damaged
+        directory seen (not a good copy another loader put there meanwhile: then that
+        one stays and ours is dropped, by :class:`StateExistsError`).
+
+        One atomic exchange where the kernel has it, so a concurrent reader sees the
+        damaged copy or the good one, never neither; else the damaged one is discarded
+        (:func:`statekeep._atomic.discard_committed`) and the caller renames ours in.
+        """
         try:
             now = os.lstat(path)
         except FileNotFoundError:
-            return
+            return False
         if (now.st_dev, now.st_ino) != (before.st_dev, before.st_ino):
             raise StateExistsError(errno.EEXIST, f"state {path} was replaced meanwhile", path)
+        if _atomic._exchange(work, path):
+            return True
         _atomic.discard_committed(Path(self.root), Path(path))
+        return False
 
-    def pull(self, rs: RemoteState, replacing: Callable[[], None] | None = None) -> Path:
+    def pull(self, rs: RemoteState, replacing: Callable[[str, str], bool] | None = None) -> Path:
         """Bring ``rs`` into the states directory (see :func:`restore_state`)."""
         return restore_state(self.remote, rs, self.root, durable=self.durable, replacing=replacing)
 

@@ -95,15 +95,19 @@ def restore_state(
     states_dir: str | Path,
     *,
     durable: bool,
-    replacing: Callable[[], None] | None = None,
+    replacing: Callable[[str, str], bool] | None = None,
 ) -> Path:
     """Download ``rs`` into ``states_dir`` as a committed state, verified on the way in.
 
     Built in a private work entry and renamed into place (never over an existing state),
-    exactly as a local save; a crash leaves nothing visible. ``replacing`` (called once
-    the download has verified, just before the rename) takes a damaged local copy of
-    the same name out of the way: a crash between the two leaves no state of that name
-    locally, and the remote copy still there.
+    exactly as a local save; a crash leaves nothing visible.
+
+    ``replacing(work, final)``, called once the download has verified, deals with a
+    damaged local copy of the same name at ``final``: it either swaps the work entry
+    into its place in one step and returns True (the work entry then holds the damaged
+    copy, removed here), or takes it out of the way and returns False (then the
+    no-replace rename follows; a crash between the two leaves no local state of that
+    name, and the remote copy still there).
 
     Raises:
         CorruptStateError: a file is missing, of the wrong size or CRC-32 on the remote.
@@ -175,13 +179,16 @@ def restore_state(
                 if entry.is_dir:
                     _atomic.fsync_dir(f"{work.spath}/{entry.path}")
             os.fsync(work.fd)
-        if replacing is not None:
-            replacing()
-        _atomic.rename_noreplace(work.spath, final)
+        swapped = replacing is not None and replacing(work.spath, final)
+        if not swapped:
+            _atomic.rename_noreplace(work.spath, final)
     except BaseException:
         work.discard()
         raise
-    work.release()
+    if swapped:
+        work.discard()  # the damaged copy, swapped out under the private name
+    else:
+        work.release()
     if durable:
         _atomic.fsync_dir(root)
     return Path(final)
