@@ -339,20 +339,29 @@ class TestRemoteDown:
     def test_directory_remote_failing(
         self, tmp_path: Path, caplog: pytest.LogCaptureFixture
     ) -> None:
-        """Every remote read fails (a network disk gone): local load and listing go on."""
-        store, value = store_with(tmp_path / "m", DirectoryRemote(tmp_path / "r"))
+        """Every remote read fails (a network disk gone): local load and listing go on; a
+        damaged newer local copy does not make the load ask the remote again."""
+        store, value = store_with(
+            tmp_path / "m", DirectoryRemote(tmp_path / "r"), state_name_format="s%f.state"
+        )
         value.value = "kept"
         last = store.save_state()
+        value.value = "newer"
+        damaged = store.save_state()
+        (damaged / "value").write_text('"x"')
         remote = DirectoryRemote(tmp_path / "r")
+        calls: list[str] = []
 
         def down(prefix: str, *, start_after: str = "") -> Any:
+            calls.append(prefix)
             raise StorageError(5, "injected: the network disk is gone")
 
         remote.list = down  # type: ignore[method-assign]
         again, got = store_with(tmp_path / "m", remote)
         with caplog.at_level(logging.WARNING, "statekeep"):
             assert again.load_latest_state() == last
-            assert [s.location for s in again.list_states()] == ["local"]
+            assert len(calls) == 1, calls  # one failed request per load, not one per state
+            assert [s.location for s in again.list_states()] == ["local", "local"]
         assert got.value == "kept"
         assert len(_down_warnings(caplog)) == 1
         assert "network disk is gone" in _down_warnings(caplog)[0]

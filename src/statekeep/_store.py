@@ -325,6 +325,7 @@ class StateStore:
                 publisher.pull_newest(_sequence.highest_committed(self._root))
             except StorageError as exc:
                 publisher.unreachable(exc, "resuming from the newest local state that verifies")
+                publisher = None  # not asked again in this load (each try may wait a timeout)
         bad: set[str] = set()
         repaired: set[str] = set()
         seen: list[str] | None = None
