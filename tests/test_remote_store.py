@@ -335,6 +335,11 @@ class TestRemoteDown:
             (third, "both"),
             (fourth, "both"),
         ]
+        own_s3_server.kill()  # a second outage is logged again
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, "statekeep"):
+            assert [s.location for s in again.list_states()] == ["local"] * 4
+        assert len(_down_warnings(caplog)) == 1
 
     def test_directory_remote_failing(
         self, tmp_path: Path, caplog: pytest.LogCaptureFixture

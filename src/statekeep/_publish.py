@@ -154,11 +154,6 @@ class Publisher:
                 "statekeep: could not consult remote %r (%s); %s", self.remote, exc, doing
             )
 
-    def reachable(self) -> None:
-        """The remote answered: a later outage is logged again."""
-        with self._lock:
-            self._down = False
-
     def counter(self) -> RemoteCounter:
         return RemoteCounter(self.root, self.remote)
 
