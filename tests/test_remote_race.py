@@ -61,7 +61,7 @@ def run_race(
         assert errors == []
         saved = {Path(line.split(" ", 2)[2]).name for o in outputs for line in o.splitlines()}
         assert len(saved) == 2 * count, "a writer did not finish"
-        _remote_prune.prune_remote(remote, KEEP)
+        removed.extend(_remote_prune.prune_remote(remote, KEEP))  # what the last pass takes
         states, bad = _remote_states.read_remote_states(remote)
         assert bad == []
         # Nothing lost: what is gone was pruned, and the newest KEEP by sequence remain.
