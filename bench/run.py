@@ -20,6 +20,7 @@ from pathlib import Path
 
 from _cases_checkpoint import call_cases, checkpoint_cases
 from _cases_listing import listing_cases
+from _cases_remote import remote_suites
 from _cases_snapshot import large_cases, small_cases
 from _goals import evaluate, goals
 from _harness import Result, Suite, run_suite, suite_table
@@ -108,7 +109,7 @@ def build_suites(tmp: Path, quick: bool, pamiq: tuple[str | None, str]) -> list[
     calls = Suite("Per-call overhead", call, 5 if quick else 21, call_skipped)
     counts = [100, 1000] if quick else [1000, 10_000]
     listing = Suite("Listing and pruning", listing_cases(tmp, counts), 3 if quick else 9)
-    return [small, large_writes, large_reads, ckpt, calls, listing]
+    return [small, large_writes, large_reads, ckpt, calls, listing, *remote_suites(quick)]
 
 
 def main() -> int:

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+import servers
 
 # before any test imports it, so the contract's asserts explain themselves
 pytest.register_assert_rewrite("statekeep.testing")
@@ -85,3 +90,65 @@ def commit(states_dir: Path, files: dict[str, bytes], name: str = "a.state", **k
             path.write_bytes(data)
         build.commit(states_dir / name)
     return states_dir / name
+
+
+# --- real servers on 127.0.0.1 (tests/servers.py) -------------------------------------
+
+
+def _started(start: Callable[[], Any]) -> Any:
+    from servers import ServerUnavailable, unavailable
+
+    try:
+        return start()
+    except (ServerUnavailable, ImportError, OSError, subprocess.SubprocessError) as exc:
+        unavailable(str(exc))
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[servers.S3Server]:
+    """One SeaweedFS S3 server for the session (``.endpoint``, ``.access_key``, ``.secret_key``)."""
+    server = _started(servers.start_s3)
+    yield server
+    servers.discard(server)
+
+
+@pytest.fixture
+def s3_bucket(s3_server: servers.S3Server) -> str:
+    """A fresh, empty bucket on the session's S3 server."""
+    return s3_server.new_bucket()
+
+
+@pytest.fixture
+def s3_client(s3_server: servers.S3Server) -> Any:
+    """A boto3 client for the session's S3 server (short timeouts, two attempts at most)."""
+    return s3_server.client()
+
+
+@pytest.fixture
+def own_s3_server() -> Iterator[servers.S3Server]:
+    """A private S3 server for one test, which may ``kill()`` and ``start()`` it."""
+    server = _started(servers.start_s3)
+    yield server
+    servers.discard(server)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[servers.PostgresServer]:
+    """One PostgreSQL server for the session (``.conninfo(dbname)``)."""
+    server = _started(servers.start_postgres)
+    yield server
+    servers.discard(server)
+
+
+@pytest.fixture
+def postgres_db(postgres_server: servers.PostgresServer) -> str:
+    """The conninfo of a fresh database on the session's PostgreSQL server."""
+    return postgres_server.new_database()
+
+
+@pytest.fixture
+def own_postgres_server() -> Iterator[servers.PostgresServer]:
+    """A private PostgreSQL server for one test, which may ``kill()`` and ``start()`` it."""
+    server = _started(servers.start_postgres)
+    yield server
+    servers.discard(server)

@@ -8,20 +8,29 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from conftest import WORKERS, long_campaign
 from crashworkers.checkpoint_worker import SESSION, check_value, open_storage
+from servers import PostgresServer, S3Server
 from statekeep import _atomic
 
 SHORT_KILLS = 30
 LONG_KILLS = 150
+REMOTE_KILLS = 100  # per remote backend, in the default suite
 
 
 def campaign(
-    backend: str, path: Path, kills: int, seed: int, env: dict[str, str]
+    backend: str,
+    path: Path | str,
+    kills: int,
+    seed: int,
+    env: dict[str, str],
+    opener: Callable[[], Any] | None = None,
 ) -> tuple[list[int], int]:
     """Kill ``kills`` save loops at random moments; check the checkpoint after each.
 
@@ -40,6 +49,7 @@ def campaign(
     assert zygote.stdout is not None
     reported: list[int] = []
     mid_write = 0
+    checker = opener() if opener is not None else None
     try:
         for round_ in range(kills):
             base = (round_ + 1) * 1_000_000
@@ -66,7 +76,7 @@ def campaign(
                     break
             assert os.WIFSIGNALED(status), f"child {pid} was not killed: status {status}"
             assert last >= base
-            private = path  # work entries live in the directory itself, privately named
+            private = Path(path)  # work entries live in the directory, privately named
             work = (
                 [p for p in private.iterdir() if _atomic.is_private(p.name)]
                 if backend == "file"
@@ -74,12 +84,21 @@ def campaign(
             )
             if any(p.suffix == ".work" for p in work):
                 mid_write += 1
-            with open_storage(backend, str(path)) as storage:
-                gen = check_value(storage.load(SESSION))
-                (info,) = storage.list_checkpoints()
+            if checker is not None:  # a remote storage: one client for every check
+                # the server may still complete the save that was in flight when the
+                # client died: reads after the kill only ever move forward
+                gen = check_value(checker.load(SESSION))
+                (info,) = checker.list_checkpoints()
+                later = check_value(checker.load(SESSION))
+                assert gen <= info.metadata["gen"] <= later, "reads went back in time"
+                gen = later
+            else:
+                with open_storage(backend, str(path)) as storage:
+                    gen = check_value(storage.load(SESSION))
+                    (info,) = storage.list_checkpoints()
+                assert info.metadata == {"gen": gen}, "metadata and data from different saves"
             assert gen >= last, f"round {round_}: loaded gen {gen} is older than returned {last}"
             assert gen < base + 1_000_000, f"round {round_}: gen {gen} from a later round?"
-            assert info.metadata == {"gen": gen}, "metadata and data come from different saves"
             if backend == "file":
                 stale = [
                     p.name
@@ -95,6 +114,8 @@ def campaign(
         if zygote.wait(timeout=60) != 0:
             zygote.kill()
         zygote.stdout.close()
+        if checker is not None:
+            checker.close()
     return reported, mid_write
 
 
@@ -130,4 +151,55 @@ class TestCrashDuringSaves:
         crash_report.append(
             f"checkpoints/{backend}: {kills} kills (seed {seed}; {mid_write} inside a file write), "
             f"{sum(reported)} saves returned, all loads whole"
+        )
+
+
+class TestCrashDuringRemoteSaves:
+    """kill -9 of a client mid-save on S3 and PostgreSQL: never a partial or older value."""
+
+    def test_s3(
+        self,
+        s3_server: S3Server,
+        s3_bucket: str,
+        worker_env: dict[str, str],
+        crash_report: list[str],
+    ) -> None:
+        from statekeep import S3CheckpointStorage
+
+        url = f"s3://{s3_bucket}/crash"
+        env = {**worker_env, **s3_server.env()}
+        reported, _ = campaign(
+            "s3",
+            url,
+            REMOTE_KILLS,
+            4321,
+            env,
+            lambda: S3CheckpointStorage(url, client=s3_server.client()),
+        )
+        assert len(reported) == REMOTE_KILLS
+        crash_report.append(
+            f"checkpoints/s3: {REMOTE_KILLS} kills, {sum(reported)} saves returned, all loads whole"
+        )
+
+    def test_postgres(
+        self,
+        postgres_server: PostgresServer,
+        postgres_db: str,
+        worker_env: dict[str, str],
+        crash_report: list[str],
+    ) -> None:
+        from statekeep import PostgresCheckpointStorage
+
+        reported, _ = campaign(
+            "postgres",
+            postgres_db,
+            REMOTE_KILLS,
+            8765,
+            worker_env,
+            lambda: PostgresCheckpointStorage(postgres_db),
+        )
+        assert len(reported) == REMOTE_KILLS
+        crash_report.append(
+            f"checkpoints/postgres: {REMOTE_KILLS} kills, {sum(reported)} saves returned, "
+            "all loads whole"
         )

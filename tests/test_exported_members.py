@@ -20,6 +20,7 @@ CHANGELOG = ROOT / "CHANGELOG.md"
 # Update this set together with src/statekeep/__init__.py (and CHANGELOG.md): a name that
 # appears or disappears here is a change to the public API.
 EXPECTED = {
+    "BaseCheckpointStorage",
     "CheckpointInfo",
     "CheckpointStorage",
     "CorruptCheckpointError",
@@ -34,8 +35,10 @@ EXPECTED = {
     "MemoryCheckpointStorage",
     "MissingComponentsError",
     "PersistentStateMixin",
+    "PostgresCheckpointStorage",
     "RecoverableState",
     "RetentionPolicy",
+    "S3CheckpointStorage",
     "SQLiteCheckpointStorage",
     "StateExistsError",
     "StateInfo",

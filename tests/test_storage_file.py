@@ -6,8 +6,11 @@ import json
 import logging
 import os
 import re
+import shutil
+import threading
 import zlib
 from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,7 @@ from hypothesis import strategies as st
 from crashworkers.checkpoint_worker import check_value, run_writers
 from statekeep import CorruptCheckpointError, FileCheckpointStorage, StorageError
 from statekeep._atomic import PRIVATE_DIR
+from statekeep.storage._envelope import pack
 from statekeep.storage._file import SUFFIX, file_name
 from statekeep.testing import AWKWARD_IDS, PersistentCheckpointStorageContract
 
@@ -51,6 +55,16 @@ class TestFileContract(PersistentCheckpointStorageContract):
     @pytest.fixture
     def make_storage(self, tmp_path: Path) -> Callable[[], FileCheckpointStorage]:
         return lambda: FileCheckpointStorage(tmp_path / "ckpt")
+
+    @pytest.fixture
+    def make_failing_storage(self, tmp_path: Path) -> Callable[[], FileCheckpointStorage]:
+        def opened_then_replaced_by_a_file() -> FileCheckpointStorage:
+            storage = FileCheckpointStorage(tmp_path / "gone")
+            shutil.rmtree(tmp_path / "gone")
+            (tmp_path / "gone").write_text("a file where the directory was")
+            return storage
+
+        return opened_then_replaced_by_a_file
 
 
 class TestFileContractNotDurable(PersistentCheckpointStorageContract):
@@ -363,3 +377,80 @@ class TestProcesses:
             gen = check_value(storage.load("shared"))
         assert gen % 1_000_000 == count - 1
         assert os.listdir(tmp_path / "ckpt") == ["shared.ckpt"]
+
+
+class TestSpecialFiles:
+    """A FIFO, socket or symlink where a checkpoint file should be: typed error, no hang."""
+
+    def test_a_fifo_is_corrupt_and_never_blocks(
+        self, storage: FileCheckpointStorage, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        storage.save("healthy", {"x": 1})
+        os.mkfifo(storage.checkpoint_dir / file_name("pipe"))
+        done = threading.Event()
+        seen: list[object] = []
+
+        def read() -> None:
+            try:
+                storage.load("pipe")
+            except CorruptCheckpointError as exc:
+                seen.append(exc)
+            seen.append([i.session_id for i in storage.list_checkpoints()])
+            seen.append(storage.exists("pipe"))
+            done.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        assert done.wait(10), "a reader blocked on the FIFO"
+        error, listed, exists = seen
+        assert isinstance(error, CorruptCheckpointError)
+        assert "pipe.ckpt" in str(error)
+        assert "not a regular file" in str(error)
+        assert listed == ["healthy"]
+        assert exists is True
+        assert "pipe.ckpt" in caplog.text
+        storage.save("pipe", {"x": 2})  # a save replaces it
+        assert storage.load("pipe") == {"x": 2}
+
+    def test_a_symlink_is_corrupt_and_not_followed(
+        self, storage: FileCheckpointStorage, tmp_path: Path
+    ) -> None:
+        outside = tmp_path / "outside.ckpt"
+        other = FileCheckpointStorage(tmp_path / "other")
+        other.save("link", {"secret": True})
+        (tmp_path / "other" / file_name("link")).rename(outside)
+        (storage.checkpoint_dir / file_name("link")).symlink_to(outside)
+        with pytest.raises(CorruptCheckpointError, match="symlink"):
+            storage.load("link")
+        assert storage.list_checkpoints() == []
+        assert storage.delete("link") is True
+        assert outside.exists(), "deleting the link must not touch its target"
+
+
+class TestUseJson:
+    """ondine passes use_json=True; use_json=False (pickle) is refused, saying why."""
+
+    def test_use_json_true_is_accepted(self, tmp_path: Path) -> None:
+        with FileCheckpointStorage(tmp_path / "c", use_json=True) as storage:
+            storage.save("s", {"x": 1})
+            assert storage.load("s") == {"x": 1}
+
+    def test_use_json_false_is_refused(self, tmp_path: Path) -> None:
+        with pytest.raises(ValueError, match=r"use_json=False.*JSON only.*pickle"):
+            FileCheckpointStorage(tmp_path / "c", use_json=False)
+        assert not (tmp_path / "c").exists()
+
+
+class TestRetentionByAge:
+    """delete_older_than looks at each checkpoint's own time."""
+
+    def test_only_the_old_go(self, storage: FileCheckpointStorage) -> None:
+        storage.save("new", {})
+        old = storage.checkpoint_dir / file_name("old")
+        storage._write(
+            file_name("old"),
+            pack("old", b"{}", b"{}", datetime.now(timezone.utc) - timedelta(days=3)),
+        )
+        assert old.exists()
+        assert storage.delete_older_than(timedelta(days=2)) == 1
+        assert not old.exists()
+        assert [i.session_id for i in storage.list_checkpoints()] == ["new"]

@@ -170,6 +170,7 @@ class TestTheSuiteCatchesBrokenBackends:
         assert failed == {
             "TestForgetful::test_reopening_keeps_everything",
             "TestForgetful::test_two_open_instances_see_each_other",
+            "TestForgetful::test_writers_in_several_processes_end_with_one_whole_value",
         }
 
     def test_a_missing_fixture_is_reported(self, output: str) -> None:
@@ -207,6 +208,6 @@ class TestTheDocumentedExample:
         )
         assert run.returncode == 0, run.stdout + run.stderr
         summary = run.stdout.strip().splitlines()[-1]
-        documented = re.search(r"^(\d+ passed, \d+ skipped)$", text, re.MULTILINE)
+        documented = re.search(r"^(\d+ passed(?:, \d+ skipped)?)$", text, re.MULTILINE)
         assert documented is not None
         assert summary.startswith(documented.group(1)), summary

@@ -407,7 +407,20 @@ def discard_committed(root: Path, path: Path) -> None:
     The entry is first renamed to a private ``.trash`` name, which takes it out of every
     listing at once; only then is it deleted. A crash in between leaves a ``.trash``
     entry that the next sweep removes.
+
+    Raises:
+        PermissionError: ``path`` is a directory this process may not empty (not
+            listable or not writable by it: another user's, or ``chmod 000``). It is
+            left where it is, visible, rather than renamed out of sight only to fail.
     """
+    if stat.S_ISDIR(os.lstat(path).st_mode) and not os.access(
+        path, os.R_OK | os.W_OK | os.X_OK, follow_symlinks=False
+    ):
+        if not os.path.lexists(path):  # access() says False for a path removed meanwhile
+            raise FileNotFoundError(errno.ENOENT, "already removed", str(path))
+        raise PermissionError(
+            errno.EACCES, "a directory this user may not list or empty", str(path)
+        )
     trash = f"{root}/{PREFIX}{_token()}.trash"
     os.rename(path, trash)
     remove_tree(trash)

@@ -359,12 +359,25 @@ def verify(directory: str | Path) -> Manifest:
     """Check ``directory`` against its manifest: same paths, sizes and checksums.
 
     Raises:
-        FileNotFoundError: ``directory`` does not exist.
+        FileNotFoundError: ``directory`` does not exist (or was removed meanwhile).
         CorruptStateError: anything differs or cannot be read (EACCES, EIO, a FIFO or a
             device where a file should be); the message names the state and the file.
     """
     root = os.fspath(directory)
     manifest = read_manifest(root)
+    try:
+        _check_files(root, manifest)
+    except CorruptStateError:
+        # A state pruned (renamed away) while its files were read looks like one with
+        # files missing: it is gone, not corrupt, and must not be reported as damaged.
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"state {root} was removed while it was verified") from None
+        raise
+    return manifest
+
+
+def _check_files(root: str, manifest: Manifest) -> None:
+    """Compare the tree of ``root`` with ``manifest``; CorruptStateError names the file."""
     try:
         actual = _checksum.kinds(root, MANIFEST_NAME)
     except FileNotFoundError:
@@ -400,4 +413,3 @@ def verify(directory: str | Path) -> Manifest:
     if actual:
         extra = ", ".join(sorted(actual))
         raise CorruptStateError(f"state {root} failed verification: unexpected {extra}")
-    return manifest

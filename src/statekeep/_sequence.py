@@ -25,17 +25,29 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 from collections.abc import Iterator
 
 from statekeep import _atomic, _fork, _manifest
+from statekeep.errors import CorruptStateError, StorageError
 
-__all__ = ["XATTR", "SequenceCounter", "carry_over", "highest_committed", "next_sequence"]
+__all__ = [
+    "XATTR",
+    "SequenceCounter",
+    "carry_over",
+    "catch_up",
+    "highest_committed",
+    "next_sequence",
+]
+
+logger = logging.getLogger("statekeep")
 
 XATTR = "user.statekeep.sequence"
 _HAS_XATTR = hasattr(os, "getxattr") and hasattr(os, "setxattr")
 _UNSUPPORTED = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM})
 _MAX_DIGITS = 19  # sequences stay below 2**63
+_MAX_SEQUENCE = (1 << 63) - 1  # what a manifest accepts (statekeep._manifest)
 
 
 class _NoXattr(Exception):
@@ -66,19 +78,39 @@ def _set(fd: int, value: int) -> None:
 
 
 def highest_committed(root: str) -> int:
-    """The highest sequence among the manifests of ``root``'s states (0 if none).
+    """The highest sequence among the sealed manifests of ``root``'s states (0 if none).
 
-    Reads only the head of each manifest (:func:`statekeep._manifest.read_order`).
+    The heads of the manifests (:func:`statekeep._manifest.read_order`) rank the states;
+    the manifest at the top is then read whole and must match its seal, else the next
+    one down is tried: a damaged or hostile head claiming a huge number must not push
+    every later commit's number out of range (each would then fail to load).
     """
-    best = 0
+    heads: list[tuple[int, str]] = []
     with os.scandir(root) as it:
         for entry in it:
             if _atomic.is_private(entry.name) or not entry.is_dir(follow_symlinks=False):
                 continue
             order = _manifest.read_order(entry.path)
-            if order is not None and order[1] > best:
-                best = order[1]
-    return best
+            if order is not None:
+                heads.append((order[1], entry.path))
+    heads.sort(reverse=True)
+    for _, path in heads:
+        try:
+            return _manifest.read_manifest(path).sequence
+        except (FileNotFoundError, CorruptStateError):
+            continue
+    return 0
+
+
+def _checked(value: int, root: str) -> int:
+    """``value`` if a manifest can hold it; else the directory's numbers are spent."""
+    if value > _MAX_SEQUENCE:
+        raise StorageError(
+            errno.EOVERFLOW,
+            f"the commit sequence of {root} is exhausted (a state there is numbered"
+            f" {value - 1}); move its states to a new directory",
+        )
+    return value
 
 
 class SequenceCounter:
@@ -92,6 +124,7 @@ class SequenceCounter:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self._root = os.fspath(root)
         self._fd = -1
+        self._id = (0, 0)  # (st_dev, st_ino) of the directory ``_fd`` holds open
         self._lock = _fork.new_lock()
         self._xattr = _HAS_XATTR  # False once the filesystem refuses attributes
         self._last = 0  # the highest number this object has seen or handed out
@@ -105,9 +138,27 @@ class SequenceCounter:
                 os.close(fd)  # the child's own copy: the parent's open file stays open
 
     def _open(self) -> int:
-        if self._fd < 0:
-            self._fd = os.open(self._root, os.O_RDONLY | os.O_DIRECTORY)
-        return self._fd
+        """The directory's descriptor (the caller holds ``_lock``).
+
+        A held descriptor is checked against what ``root`` names now: a directory that
+        was moved away and replaced (a backup restored, a script rotating folders) must
+        not keep receiving the numbers of the new one, or two writers of the new
+        directory (one holding the old descriptor) would hand out the same number.
+        """
+        fd = self._fd
+        if fd >= 0:
+            try:
+                now = os.stat(self._root)
+            except OSError:
+                return fd  # gone: the commit that follows says so
+            if (now.st_dev, now.st_ino) == self._id:
+                return fd
+            self._fd = -1
+            os.close(fd)
+        fd = os.open(self._root, os.O_RDONLY | os.O_DIRECTORY)
+        held = os.fstat(fd)
+        self._fd, self._id = fd, (held.st_dev, held.st_ino)
+        return fd
 
     def _bump_xattr(self, fd: int) -> int | None:
         """Increment the attribute (the caller holds the flock); None if unsupported."""
@@ -115,7 +166,7 @@ class SequenceCounter:
             current = _get(fd)
             if current is None:
                 current = highest_committed(self._root)
-            value = max(current, self._last) + 1
+            value = _checked(max(current, self._last) + 1, self._root)
             _set(fd, value)
         except _NoXattr:
             self._xattr = False
@@ -130,7 +181,7 @@ class SequenceCounter:
         whether another writer committed since, and a directory's timestamps cannot
         say so reliably (coarse on some filesystems, and changed by our own work).
         """
-        self._last = max(self._last, highest_committed(self._root)) + 1
+        self._last = _checked(max(self._last, highest_committed(self._root)) + 1, self._root)
         return self._last
 
     @contextlib.contextmanager
@@ -186,6 +237,42 @@ class SequenceCounter:
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
 
+    @property
+    def seen(self) -> int:
+        """The highest number this counter has handed out or been shown."""
+        return self._last
+
+    def observe(self, highest: int) -> None:
+        """Make every later number larger than ``highest``, the sequence of a state seen
+        in the directory (from a manifest that was read whole and matched its seal).
+
+        States copied into the directory by hand (resuming from a backup) carry numbers
+        the attribute never handed out; without this, the next save would be numbered
+        below them, ordered older than they are, and pruned at once. Costs nothing when
+        ``highest`` is not above what this counter has seen. A failure to raise the
+        attribute (a read-only filesystem, a directory we may only read) is ignored: a
+        reader must not fail for it.
+        """
+        if highest <= self._last:
+            return
+        with self._lock:
+            self._last = max(self._last, highest)
+            if not self._xattr:
+                return  # each commit reads the manifests: nothing is stored
+            try:
+                fd = self._open()
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    current = _get(fd)
+                    if current is not None and current < highest:
+                        _set(fd, highest)
+                finally:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+            except _NoXattr:
+                self._xattr = False
+            except OSError as exc:
+                logger.debug("statekeep: could not raise the counter of %s: %s", self._root, exc)
+
     def close(self) -> None:
         """Close the directory (the next call reopens it)."""
         with self._lock:
@@ -203,6 +290,27 @@ def next_sequence(root: str | os.PathLike[str]) -> int:
     counter = SequenceCounter(root)
     try:
         return counter.next()
+    finally:
+        counter.close()
+
+
+def catch_up(root: str | os.PathLike[str], highest: int) -> None:
+    """:meth:`SequenceCounter.observe` for a caller that holds no counter (the keeper).
+
+    Reads the attribute without opening the directory; only when it is below
+    ``highest`` is the directory opened, locked and the attribute raised.
+    """
+    if not _HAS_XATTR or highest <= 0:
+        return
+    try:
+        raw = os.getxattr(root, XATTR).strip()
+    except OSError:
+        return  # missing (the next commit starts above the manifests) or unsupported
+    if raw.isdigit() and len(raw) <= _MAX_DIGITS and int(raw) >= highest:
+        return
+    counter = SequenceCounter(root)
+    try:
+        counter.observe(highest)
     finally:
         counter.close()
 

@@ -14,13 +14,31 @@ storage under test, and opens the *same* storage again when called again::
             return lambda: MyStorage(tmp_path / "checkpoints")
 
 Every storage the suite opens is closed again (when it has a ``close()``). statekeep
-runs this same suite over its memory, file and SQLite backends. This module imports
-pytest, so import it from test code only.
+runs this same suite over its memory, file, SQLite, S3 and PostgreSQL backends. This
+module imports pytest, so import it from test code only.
+
+Three promises need help from the backend's own tests, through optional fixtures:
+
+- ``damage``: a function ``(storage, session_id) -> None`` that damages the stored
+  checkpoint in place; the suite then expects
+  :class:`~statekeep.CorruptCheckpointError` from ``load``. Backends built on
+  :class:`~statekeep.BaseCheckpointStorage`'s blob methods need none: the suite alters
+  the stored blob itself.
+- ``make_failing_storage``: a function opening the storage on something broken (a
+  missing directory, a stopped server); the suite expects
+  :class:`~statekeep.StorageError` with the original error as ``__cause__``.
+- the persistent contract forks processes that each call ``make_storage``: it must
+  work in a forked child (make a new client or connection per call).
+
+Without them, those tests are skipped with the reason.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import threading
+import warnings
 import zlib
 from collections.abc import Callable, Iterator
 from datetime import date, datetime, timedelta, timezone
@@ -31,11 +49,13 @@ from uuid import UUID
 import pydantic
 import pytest
 
-from statekeep.storage._base import CheckpointStorage
+from statekeep.errors import CorruptCheckpointError, StorageError
+from statekeep.storage._base import BaseCheckpointStorage, CheckpointStorage
 
 __all__ = ["AWKWARD_IDS", "CheckpointStorageContract", "PersistentCheckpointStorageContract"]
 
 StorageFactory = Callable[[], CheckpointStorage]
+Damage = Callable[[CheckpointStorage, str], None]
 
 #: Session ids that must neither escape the storage nor collide with each other.
 AWKWARD_IDS: tuple[str, ...] = (
@@ -466,6 +486,75 @@ class CheckpointStorageContract:
             assert _check_signed(storage.load(f"session-{writer}")) == (writer, 9)
         assert len(storage.list_checkpoints()) == writers
 
+    # -- damage, failure, retention --------------------------------------------------
+
+    @pytest.fixture
+    def damage(self) -> Damage | None:
+        """Override: a function damaging a session's stored checkpoint in place."""
+        return None
+
+    @pytest.fixture
+    def make_failing_storage(self) -> StorageFactory | None:
+        """Override: a function opening the storage on something broken."""
+        return None
+
+    def test_damaged_data_raises_corrupt_checkpoint_error(
+        self, storage: CheckpointStorage, damage: Damage | None
+    ) -> None:
+        """A damaged checkpoint raises CorruptCheckpointError naming the session."""
+        if damage is None:
+            damage = _blob_damage(storage)
+        storage.save("victim", {"x": 1, "text": "some words to damage"}, metadata={"m": 1})
+        storage.save("bystander", {"y": 2})
+        damage(storage, "victim")
+        with pytest.raises(CorruptCheckpointError, match="victim"):
+            storage.load("victim")
+        assert storage.load("bystander") == {"y": 2}
+        assert "bystander" in {info.session_id for info in storage.list_checkpoints()}
+        storage.save("victim", {"x": 2})
+        assert storage.load("victim") == {"x": 2}, "a new save replaces a damaged one"
+
+    def test_backend_failure_is_a_storage_error_with_its_cause(
+        self, make_failing_storage: StorageFactory | None
+    ) -> None:
+        """A failing backend raises StorageError whose __cause__ is the original error."""
+        if make_failing_storage is None:
+            pytest.skip("no make_failing_storage fixture")
+        failing = _open_or_error(make_failing_storage)
+        if isinstance(failing, StorageError):  # failing at open is fine, with its cause
+            assert failing.__cause__ is not None, "StorageError without its cause"
+            return
+        try:
+            calls: list[Callable[[], object]] = [
+                lambda: failing.save("s", {"x": 1}),
+                lambda: failing.load("s"),
+                failing.list_checkpoints,
+            ]
+            for call in calls:
+                with pytest.raises(StorageError) as caught:
+                    call()
+                assert caught.value.__cause__ is not None, "StorageError without its cause"
+                assert not isinstance(caught.value.__cause__, StorageError)
+        finally:
+            _close(failing)
+
+    def test_delete_older_than(self, storage: CheckpointStorage) -> None:
+        """delete_older_than(age) removes what is older and returns how many."""
+        prune = getattr(storage, "delete_older_than", None)
+        if prune is None:
+            pytest.skip(f"{type(storage).__name__} has no delete_older_than")
+        storage.save("s1", {})
+        storage.save("s2", {})
+        assert prune(timedelta(days=1)) == 0
+        assert {i.session_id for i in storage.list_checkpoints()} == {"s1", "s2"}
+        assert prune(timedelta(0)) == 2
+        assert storage.list_checkpoints() == []
+        assert storage.load("s1") is None
+        with pytest.raises(ValueError, match="negative"):
+            prune(timedelta(seconds=-1))
+        with pytest.raises(TypeError, match="timedelta"):
+            prune(3600)
+
     # -- lifecycle -----------------------------------------------------------------
 
     def test_context_manager_and_idempotent_close(self, make_storage: StorageFactory) -> None:
@@ -528,3 +617,79 @@ class PersistentCheckpointStorageContract(CheckpointStorageContract):
         finally:
             _close(one)
             _close(two)
+
+    def test_writers_in_several_processes_end_with_one_whole_value(
+        self, make_storage: StorageFactory
+    ) -> None:
+        """Processes saving one session at once end with one writer's whole last value."""
+        if not hasattr(os, "fork"):
+            pytest.skip("needs fork")
+        writers, rounds = 4, 15
+        first = make_storage()  # creates what needs creating before the race
+        _close(first)
+        context = multiprocessing.get_context("fork")
+        start = context.Event()
+        with warnings.catch_warnings():
+            # Python 3.12+ warns about fork in a process with threads; children here
+            # only call make_storage and save, then exit
+            warnings.simplefilter("ignore", DeprecationWarning)
+            procs = [
+                context.Process(target=_process_writer, args=(make_storage, w, rounds, start))
+                for w in range(writers)
+            ]
+            for proc in procs:
+                proc.start()
+        start.set()
+        for proc in procs:
+            proc.join(timeout=120)
+        hung = [proc for proc in procs if proc.exitcode is None]
+        for proc in hung:
+            proc.kill()
+            proc.join()
+        assert not hung, "a writer process hung"
+        assert [proc.exitcode for proc in procs] == [0] * writers, "a writer process failed"
+        check = make_storage()
+        try:
+            writer, round_ = _check_signed(check.load("shared"))
+            assert round_ == rounds - 1
+            assert 0 <= writer < writers
+            assert [info.session_id for info in check.list_checkpoints()] == ["shared"]
+        finally:
+            _close(check)
+
+
+def _open_or_error(make: StorageFactory) -> CheckpointStorage | StorageError:
+    try:
+        return make()
+    except StorageError as exc:
+        return exc
+
+
+def _process_writer(make_storage: StorageFactory, writer: int, rounds: int, start: Any) -> None:
+    start.wait(60)
+    storage = make_storage()
+    try:
+        for round_ in range(rounds):
+            storage.save("shared", _signed(writer, round_))
+            _check_signed(storage.load("shared"))
+    finally:
+        _close(storage)
+
+
+def _blob_damage(storage: CheckpointStorage) -> Damage:
+    """Alter the stored data through the raw methods of a BaseCheckpointStorage blob backend."""
+    base = BaseCheckpointStorage
+    if not isinstance(storage, base) or type(storage)._get is not base._get:
+        pytest.skip(f"no damage fixture for {type(storage).__name__}")
+
+    def flip(target: CheckpointStorage, key: str) -> None:
+        assert isinstance(target, base)
+        name = target._name(key)
+        blob = target._read(name)
+        assert blob is not None
+        head, _, payload = blob.partition(b"\n")
+        # still valid JSON of the same size: only the checksum can tell
+        assert b"some words" in payload
+        target._write(name, head + b"\n" + payload.replace(b"some words", b"SOME words"))
+
+    return flip

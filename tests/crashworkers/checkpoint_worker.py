@@ -9,7 +9,9 @@
 ``writer BACKEND PATH SESSION WRITER COUNT``
     Saves COUNT values of WRITER to SESSION, then writes ``done WRITER``.
 
-BACKEND is ``file`` or ``sqlite``. Every value is built by :func:`make_value` from its
+BACKEND is ``file``, ``sqlite``, ``s3`` (PATH an ``s3://`` URL, the server and
+credentials in ``AWS_*`` environment variables) or ``postgres`` (PATH a conninfo).
+Every value is built by :func:`make_value` from its
 generation number and :func:`check_value` tells a whole value from a mix of two.
 """
 
@@ -58,6 +60,14 @@ def open_storage(backend: str, path: str, durable: bool = True) -> Any:
         from statekeep.storage._sqlite import SQLiteCheckpointStorage
 
         return SQLiteCheckpointStorage(path)
+    if backend == "s3":
+        from statekeep.storage._s3 import S3CheckpointStorage
+
+        return S3CheckpointStorage(path)
+    if backend == "postgres":
+        from statekeep.storage._postgres import PostgresCheckpointStorage
+
+        return PostgresCheckpointStorage(path)
     raise SystemExit(f"unknown backend {backend!r}")
 
 
@@ -72,6 +82,13 @@ def save_loop(backend: str, path: str, base: int, seed: int, durable: bool) -> N
 
 def zygote(backend: str, path: str) -> None:
     import statekeep.storage  # noqa: F401  (imported once, before forking)
+
+    if backend == "s3":
+        from statekeep.storage._s3 import default_client
+
+        default_client().close()  # loads boto3's service models once, for every child
+    elif backend == "postgres":
+        import psycopg  # noqa: F401
 
     serve(lambda base, seed, durable: save_loop(backend, path, base, seed, durable))
 

@@ -1,40 +1,30 @@
 """FileCheckpointStorage: one human-readable file per session, replaced atomically.
 
-A checkpoint file holds two lines. The first is a JSON header (format, version,
-session id, time, payload size and CRC-32, metadata, and last a CRC-32 of the header
-itself), so listing reads one line per file. The second is the payload: the data as
-compact, uncompressed JSON that a person can open and read. Files are written only
-through :func:`statekeep._atomic.replace_file`.
+A checkpoint file is the self-checking blob of :mod:`statekeep.storage._envelope`: a
+JSON header line (format, version, session id, time, payload size and CRC-32, metadata,
+and a CRC-32 of the header itself), so listing reads one line per file, then the data
+as compact, uncompressed JSON that a person can open and read. Files are written only
+through :func:`statekeep._atomic.replace_file`, and read without following a symlink
+or blocking on a FIFO.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
-import json
-import logging
 import os
-import zlib
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from datetime import datetime, timezone
+import stat
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
-from uuid import UUID
 
 from statekeep import _atomic
-from statekeep._checksum import read_all
-from statekeep.errors import CorruptCheckpointError, StorageError
-from statekeep.storage._base import CheckpointInfo, ClosingContext, decode, encode, session_key
+from statekeep.errors import CorruptCheckpointError
+from statekeep.storage._base import BaseCheckpointStorage
 
 __all__ = ["FileCheckpointStorage", "file_name"]
 
-logger = logging.getLogger("statekeep")
-
-FORMAT = "statekeep-checkpoint"
-VERSION = 1
 SUFFIX = ".ckpt"
-_CRC_FIELD = b',"header_crc32":'
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_-")
 _RESERVED = frozenset(
     ["con", "prn", "aux", "nul"] + [f"{p}{i}" for p in ("com", "lpt") for i in range(10)]
@@ -66,201 +56,130 @@ def file_name(key: str) -> str:
     return stem + SUFFIX
 
 
-@contextmanager
-def _os_errors(action: str, where: Path) -> Iterator[None]:
-    """Map an OSError to StorageError, once, at the backend boundary."""
-    try:
-        yield
-    except OSError as exc:
-        raise StorageError(exc.errno, f"could not {action} {where}: {exc}") from exc
+_HEAD_CHUNK = 4096
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0)
 
 
-class _Bad(Exception):
-    """Why a checkpoint file could not be read (turned into CorruptCheckpointError)."""
-
-
-def _header_bytes(key: str, payload: bytes, meta: bytes, stamp: datetime) -> bytes:
-    fields = {
-        "format": FORMAT,
-        "version": VERSION,
-        "session_id": key,
-        "timestamp": stamp.isoformat(),
-        "size": len(payload),
-        "crc32": zlib.crc32(payload),
-    }
-    body = json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode()
-    body = body[:-1] + b',"metadata":' + meta
-    return body + _CRC_FIELD + str(zlib.crc32(body)).encode() + b"}\n"
-
-
-def _parse_header(line: bytes) -> dict[str, Any]:
-    if not line.endswith(b"\n"):
-        raise _Bad("the header line is truncated")
-    body, sep, tail = line[:-1].rpartition(_CRC_FIELD)
-    if not sep or not tail.endswith(b"}") or not tail[:-1].isdigit():
-        raise _Bad("the header line has no checksum")
-    if zlib.crc32(body) != int(tail[:-1]):
-        raise _Bad("the header checksum does not match")
-    try:
-        header = decode(body + b"}")
-    except ValueError as exc:
-        raise _Bad(f"the header is not valid JSON: {exc}") from None
-    if header.get("format") != FORMAT:
-        raise _Bad(f"the format is {header.get('format')!r}, expected {FORMAT!r}")
-    if header.get("version") != VERSION:
-        raise _Bad(f"format version {header.get('version')!r} is not {VERSION}")
-    try:
-        header["timestamp"] = datetime.fromisoformat(header["timestamp"])
-        for name, kind in (("session_id", str), ("size", int), ("crc32", int), ("metadata", dict)):
-            if not isinstance(header[name], kind):
-                raise _Bad(f"header field {name!r} has the wrong type")
-    except (KeyError, TypeError, ValueError) as exc:
-        raise _Bad(f"the header is malformed: {exc!r}") from None
-    return header
-
-
-class FileCheckpointStorage(ClosingContext):
+class FileCheckpointStorage(BaseCheckpointStorage):
     """Stores each session's checkpoint in its own file under ``checkpoint_dir``.
 
     Saves replace the file atomically (readers see the old checkpoint or the new one)
     and, with ``durable=True``, survive power loss once :meth:`save` returns.
     Thread- and process-safe: concurrent writers of one session leave one of the
-    complete values. OS errors are raised as :class:`~statekeep.StorageError`.
+    complete values. OS errors are raised as :class:`~statekeep.StorageError`; a
+    checkpoint file that is a FIFO, a device or a symlink raises
+    :class:`~statekeep.CorruptCheckpointError` and is never read.
+
+    Args:
+        checkpoint_dir: The directory (created if missing).
+        durable: fsync each save and deletion.
+        use_json: Accepted for ondine compatibility: checkpoints are always JSON.
+            ``use_json=False`` (ondine's pickle format) is refused with ValueError.
     """
 
     def __init__(
-        self, checkpoint_dir: str | Path = ".checkpoints", *, durable: bool = True
+        self,
+        checkpoint_dir: str | Path = ".checkpoints",
+        *,
+        durable: bool = True,
+        use_json: bool = True,
     ) -> None:
+        if use_json is not True:
+            raise ValueError(
+                f"FileCheckpointStorage(use_json={use_json!r}): checkpoints are stored as "
+                "JSON only. A pickled checkpoint runs arbitrary code when it is loaded, "
+                "and statekeep never unpickles what it was not asked to; pass "
+                "use_json=True (the default) or leave it out."
+            )
         self.checkpoint_dir = Path(checkpoint_dir)
         self.durable = durable
-        self._closed = False
-        with _os_errors("create checkpoint directory", self.checkpoint_dir):
+        with self._guard("create checkpoint directory", None):
             _atomic.make_root(self.checkpoint_dir, durable=durable)
             _atomic.sweep(self.checkpoint_dir)
 
-    def _path(self, session_id: str | UUID) -> tuple[str, Path]:
-        if self._closed:
-            raise ValueError(f"FileCheckpointStorage({str(self.checkpoint_dir)!r}) is closed")
-        key = session_key(session_id)
-        return key, self.checkpoint_dir / file_name(key)
+    def _name(self, key: str) -> str:
+        return file_name(key)
 
-    def save(
-        self,
-        session_id: str | UUID,
-        data: Mapping[str, Any],
-        *,
-        metadata: Mapping[str, Any] | None = None,
-    ) -> bool:
-        """Atomically replace the session's checkpoint file."""
-        key, path = self._path(session_id)
-        payload = encode("data", key, data)
-        header = _header_bytes(key, payload, encode("metadata", key, metadata), _now())
-        with _os_errors("write checkpoint", path):
-            _atomic.replace_file(
-                self.checkpoint_dir, path, (header, payload, b"\n"), durable=self.durable
-            )
-        return True
+    def _place(self, name: str) -> str:
+        return str(self.checkpoint_dir / name)
 
-    def load(self, session_id: str | UUID) -> dict[str, Any] | None:
-        """The session's data; None when absent.
-
-        Raises:
-            CorruptCheckpointError: the file exists but is truncated, altered or malformed.
-            StorageError: the file could not be read.
-        """
-        key, path = self._path(session_id)
+    def _open(self, name: str) -> int | None:
+        path = self.checkpoint_dir / name
         try:
-            raw = read_all(str(path))  # open, read, close: no buffered-file machinery
+            fd = os.open(path, _OPEN_FLAGS)  # a FIFO opens at once and is refused below
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise StorageError(exc.errno, f"could not read checkpoint {path}: {exc}") from exc
+            if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink
+                raise CorruptCheckpointError(f"checkpoint file {path} is a symlink") from None
+            raise
         try:
-            return self._parse(key, raw)
-        except _Bad as exc:
-            raise CorruptCheckpointError(
-                f"checkpoint file {path} of session {key!r} is corrupt: {exc}"
-            ) from None
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISDIR(mode):  # what read() would say: EISDIR, a StorageError
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+            if not stat.S_ISREG(mode):
+                raise CorruptCheckpointError(
+                    f"checkpoint file {path} is not a regular file ({stat.filemode(mode)})"
+                )
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
-    @staticmethod
-    def _parse(key: str, raw: bytes) -> dict[str, Any]:
-        end = raw.find(b"\n") + 1
-        header = _parse_header(raw[:end] if end else raw)
-        if header["session_id"] != key:
-            raise _Bad(f"it holds session {header['session_id']!r}")
-        payload = raw[end:]
-        if len(payload) != header["size"] + 1 or not payload.endswith(b"\n"):
-            raise _Bad(f"the payload is {len(payload) - 1} bytes, header says {header['size']}")
-        payload = payload[:-1]
-        if zlib.crc32(payload) != header["crc32"]:
-            raise _Bad("the payload checksum does not match")
-        try:
-            return decode(payload)
-        except ValueError as exc:
-            raise _Bad(f"the payload is not a JSON object: {exc}") from None
-
-    def exists(self, session_id: str | UUID) -> bool:
-        """Whether the session has a checkpoint file (readable or not)."""
-        _, path = self._path(session_id)
-        with _os_errors("check checkpoint", path):
-            try:
-                os.stat(path)
-            except FileNotFoundError:
-                return False
-        return True
-
-    def delete(self, session_id: str | UUID) -> bool:
-        """Remove the session's checkpoint file; False when there was none."""
-        _, path = self._path(session_id)
-        with _os_errors("delete checkpoint", path):
-            try:
-                _atomic.discard_committed(self.checkpoint_dir, path)
-            except FileNotFoundError:
-                return False
-            if self.durable:
-                _atomic.fsync_dir(self.checkpoint_dir)
-        return True
-
-    def list_checkpoints(self) -> list[CheckpointInfo]:
-        """Every readable checkpoint, oldest first, reading only the header lines.
-
-        A file whose header cannot be read is logged and left out; :meth:`load` of
-        its session raises :class:`~statekeep.CorruptCheckpointError`.
-        """
-        if self._closed:
-            raise ValueError(f"FileCheckpointStorage({str(self.checkpoint_dir)!r}) is closed")
-        infos = []
-        with _os_errors("list checkpoints in", self.checkpoint_dir):
-            for entry in os.scandir(self.checkpoint_dir):
-                if entry.name.endswith(SUFFIX) and entry.is_file(follow_symlinks=False):
-                    info = self._info(Path(entry.path))
-                    if info is not None:
-                        infos.append(info)
-        infos.sort(key=lambda info: (info.timestamp, info.session_id))
-        return infos
-
-    def _info(self, path: Path) -> CheckpointInfo | None:
-        try:
-            with open(path, "rb") as fh:
-                header = _parse_header(fh.readline())
-            if file_name(header["session_id"]) != path.name:
-                raise _Bad(f"it holds session {header['session_id']!r}")
-        except FileNotFoundError:
-            return None  # deleted while listing
-        except _Bad as exc:
-            logger.warning("statekeep: skipping corrupt checkpoint file %s: %s", path, exc)
+    def _read(self, name: str) -> bytes | None:
+        fd = self._open(name)
+        if fd is None:
             return None
-        return CheckpointInfo(
-            header["session_id"], header["timestamp"], header["size"], header["metadata"]
+        try:
+            chunks = []
+            while chunk := os.read(fd, 1 << 20):
+                chunks.append(chunk)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
+    def _read_head(self, name: str) -> bytes | None:
+        fd = self._open(name)
+        if fd is None:
+            return None
+        try:
+            chunks: list[bytes] = []
+            while chunk := os.read(fd, _HEAD_CHUNK):
+                chunks.append(chunk)
+                if b"\n" in chunk:
+                    break
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
+    def _has(self, key: str) -> bool:
+        try:
+            os.lstat(self.checkpoint_dir / file_name(key))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def _write(self, name: str, blob: bytes) -> None:
+        _atomic.replace_file(
+            self.checkpoint_dir, self.checkpoint_dir / name, (blob,), durable=self.durable
         )
 
-    def close(self) -> None:
-        """Mark the storage closed (it holds no open files). Idempotent."""
-        self._closed = True
+    def _remove(self, name: str) -> bool:
+        try:
+            _atomic.discard_committed(self.checkpoint_dir, self.checkpoint_dir / name)
+        except FileNotFoundError:
+            return False
+        if self.durable:
+            _atomic.fsync_dir(self.checkpoint_dir)
+        return True
+
+    def _names(self) -> Iterable[str]:
+        with os.scandir(self.checkpoint_dir) as entries:
+            return [
+                entry.name
+                for entry in entries
+                if entry.name.endswith(SUFFIX) and not _atomic.is_private(entry.name)
+            ]
 
     def __repr__(self) -> str:
         return f"FileCheckpointStorage({str(self.checkpoint_dir)!r}, durable={self.durable})"
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)

@@ -1,96 +1,56 @@
-"""MemoryCheckpointStorage: a dict behind a lock, for unit tests and short-lived jobs."""
+"""MemoryCheckpointStorage: a dict of blobs behind a lock, for unit tests and short jobs."""
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Mapping
-from datetime import datetime, timezone
-from typing import Any
-from uuid import UUID
+from collections.abc import Iterable
 
-from statekeep.storage._base import CheckpointInfo, ClosingContext, decode, encode, session_key
+from statekeep import _fork
+from statekeep.storage._base import BaseCheckpointStorage
 
 __all__ = ["MemoryCheckpointStorage"]
 
 
-class MemoryCheckpointStorage(ClosingContext):
+class MemoryCheckpointStorage(BaseCheckpointStorage):
     """Keeps checkpoints in memory, behaving exactly like the persistent backends.
 
-    Values are stored as the same JSON the other backends write, so what you get back
-    is an independent copy in the same JSON forms (mutating it, or the dict you saved,
-    never changes what is stored). Thread-safe.
+    Values are stored as the same self-checking JSON blobs the file backend writes, so
+    what you get back is an independent copy in the same JSON forms (mutating it, or the
+    dict you saved, never changes what is stored). Thread-safe.
     """
 
+    _errors = ()
+
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._records: dict[str, tuple[bytes, bytes, datetime]] = {}
-        self._closed = False
+        self._lock = _fork.new_lock()
+        self._blobs: dict[str, bytes] = {}
+        _fork.on_fork_child(self._after_fork)
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ValueError("MemoryCheckpointStorage is closed")
+    def _after_fork(self) -> None:
+        self._lock = _fork.new_lock()  # a thread of the parent may have held it
 
-    def save(
-        self,
-        session_id: str | UUID,
-        data: Mapping[str, Any],
-        *,
-        metadata: Mapping[str, Any] | None = None,
-    ) -> bool:
-        """Replace the session's checkpoint with a copy of ``data``."""
-        key = session_key(session_id)
-        record = (encode("data", key, data), encode("metadata", key, metadata), _now())
+    def _read(self, name: str) -> bytes | None:
+        with self._lock:
+            return self._blobs.get(name)
+
+    def _write(self, name: str, blob: bytes) -> None:
         with self._lock:
             self._check_open()
-            self._records[key] = record
-        return True
+            self._blobs[name] = blob
 
-    def load(self, session_id: str | UUID) -> dict[str, Any] | None:
-        """A fresh copy of the session's data, or None."""
-        key = session_key(session_id)
+    def _remove(self, name: str) -> bool:
         with self._lock:
-            self._check_open()
-            record = self._records.get(key)
-        return None if record is None else decode(record[0])
+            return self._blobs.pop(name, None) is not None
 
-    def exists(self, session_id: str | UUID) -> bool:
-        """Whether the session has a checkpoint."""
-        key = session_key(session_id)
+    def _names(self) -> Iterable[str]:
         with self._lock:
-            self._check_open()
-            return key in self._records
-
-    def delete(self, session_id: str | UUID) -> bool:
-        """Remove the session's checkpoint; False when there was none."""
-        key = session_key(session_id)
-        with self._lock:
-            self._check_open()
-            return self._records.pop(key, None) is not None
-
-    def list_checkpoints(self) -> list[CheckpointInfo]:
-        """Every checkpoint, oldest first."""
-        with self._lock:
-            self._check_open()
-            records = list(self._records.items())
-        infos = [
-            CheckpointInfo(key, stamp, len(data), decode(meta))
-            for key, (data, meta, stamp) in records
-        ]
-        infos.sort(key=lambda info: (info.timestamp, info.session_id))
-        return infos
+            return list(self._blobs)
 
     def purge(self) -> None:
         """Remove every checkpoint."""
+        self._check_open()
         with self._lock:
-            self._check_open()
-            self._records.clear()
+            self._blobs.clear()
 
-    def close(self) -> None:
-        """Release the stored values; later calls raise ValueError. Idempotent."""
+    def _close(self) -> None:
         with self._lock:
-            self._closed = True
-            self._records.clear()
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
+            self._blobs.clear()

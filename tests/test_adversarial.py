@@ -1,0 +1,377 @@
+"""Promises that broke under an adversarial review of the snapshot code, one test each.
+
+Each case is something a user does (resume from a copied-in backup, rotate the states
+folder, prune while verifying, run as a user who cannot empty a state) that made the
+store order, report or prune wrongly before it was fixed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from statekeep import (
+    LatestStatesKeeper,
+    PersistentStateMixin,
+    StateStore,
+    _atomic,
+    _checksum,
+    _manifest,
+    _scan,
+    _sequence,
+    verify_state,
+)
+from statekeep.errors import CorruptStateError, StorageError
+
+
+class Blob(PersistentStateMixin):
+    """A component that writes ``data`` and remembers what it loaded."""
+
+    def __init__(self, data: bytes = b"x") -> None:
+        self.data = data
+        self.loaded: bytes | None = None
+
+    def save_state(self, path: Path) -> None:
+        path.write_bytes(self.data)
+
+    def load_state(self, path: Path) -> None:
+        self.loaded = path.read_bytes()
+
+
+def store(states_dir: Path, data: bytes = b"x") -> tuple[StateStore, Blob]:
+    s = StateStore(states_dir, durable=False)
+    blob = Blob(data)
+    s.register("m", blob)
+    return s, blob
+
+
+def seqs(states_dir: Path) -> dict[str, int]:
+    return {i.path.name: i.sequence for i in StateStore(states_dir).list_states()}
+
+
+@pytest.fixture
+def backup(tmp_path: Path) -> Path:
+    """A state from another store, numbered far above anything a new store hands out."""
+    s, _ = store(tmp_path / "elsewhere", b"backup")
+    for _ in range(19):
+        s.save_state()
+    last = s.save_state()
+    assert seqs(tmp_path / "elsewhere")[last.name] == 20
+    return last
+
+
+@pytest.fixture
+def nobody_dir() -> Iterator[Path]:
+    """A directory user ``nobody`` owns and can reach (pytest's tmp_path is 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="statekeep-adv-"))
+    path.chmod(0o755)
+    if os.geteuid() == 0:
+        os.chown(path, 65534, 65534)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def as_nobody(fn: Callable[[], None]) -> None:
+    """Run ``fn`` in a forked child as user ``nobody`` when we are root (root ignores
+    permissions); an assertion failing in the child fails the test."""
+    if os.geteuid() != 0:
+        fn()
+        return
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            fn()
+            code = 0
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child failed: see its output"
+
+
+needs_xattr = pytest.mark.skipif(
+    not _sequence._HAS_XATTR, reason="the counter lives in the manifests: nothing to catch up"
+)
+
+
+@needs_xattr
+class TestResumeFromACopiedInState:
+    """A state copied into the directory by hand never outranks the saves that follow.
+
+    Before: the directory's counter (its extended attribute) knew nothing of the copy,
+    so every later save was numbered below it, ordered older, and pruned at once by
+    ``max_keep=1``, while ``load_latest_state`` kept restoring the copy.
+    """
+
+    def copy_in(self, backup: Path, states_dir: Path) -> None:
+        shutil.copytree(backup, states_dir / backup.name)
+
+    def assert_newest(self, states_dir: Path, saved: Path) -> None:
+        numbers = seqs(states_dir)
+        assert numbers[saved.name] == max(numbers.values())
+        LatestStatesKeeper(states_dir, max_keep=1).cleanup()
+        assert os.listdir(states_dir) == [saved.name]
+
+    def test_store_opened_after_the_copy_saves_at_once(
+        self, backup: Path, states_dir: Path
+    ) -> None:
+        first, _ = store(states_dir)
+        first.save_state()
+        self.copy_in(backup, states_dir)
+        s, _ = store(states_dir)
+        self.assert_newest(states_dir, s.save_state())
+
+    def test_store_opened_after_the_copy(self, backup: Path, states_dir: Path) -> None:
+        first, _ = store(states_dir)
+        first.save_state()
+        self.copy_in(backup, states_dir)
+        s, blob = store(states_dir)
+        assert s.load_latest_state() == states_dir / backup.name
+        assert blob.loaded == b"backup"
+        self.assert_newest(states_dir, s.save_state())
+
+    def test_store_opened_before_the_copy_then_loading(
+        self, backup: Path, states_dir: Path
+    ) -> None:
+        s, _ = store(states_dir)
+        s.save_state()
+        self.copy_in(backup, states_dir)
+        assert s.latest_state() == states_dir / backup.name
+        self.assert_newest(states_dir, s.save_state())
+
+    def test_a_keeper_pass_in_between(self, backup: Path, states_dir: Path) -> None:
+        s, _ = store(states_dir)
+        s.save_state()
+        self.copy_in(backup, states_dir)
+        assert LatestStatesKeeper(states_dir, max_keep=5).cleanup() == []
+        self.assert_newest(states_dir, s.save_state())
+
+    def test_a_reader_that_may_not_raise_the_counter(self, backup: Path, nobody_dir: Path) -> None:
+        states_dir = nobody_dir / "states"
+        mine = store(states_dir)[0].save_state()  # the attribute says 1
+        self.copy_in(backup, states_dir)
+        if os.geteuid() == 0:
+            os.chown(states_dir, 0, 0)  # root's; the reader below is nobody
+        else:
+            states_dir.chmod(0o555)
+
+        def scenario() -> None:
+            reader, blob = store(states_dir)
+            assert reader.load_latest_state() == states_dir / backup.name
+            assert blob.loaded == b"backup"
+            assert [i.path for i in reader.list_states()] == [mine, states_dir / backup.name]
+
+        try:
+            as_nobody(scenario)
+        finally:
+            states_dir.chmod(0o755)
+
+    def test_a_damaged_number_is_not_believed(self, states_dir: Path) -> None:
+        """A manifest whose head claims the largest number but fails its seal must not
+        push the counter there: every later save would be numbered out of range."""
+        s, _ = store(states_dir)
+        hostile = s.save_state()
+        manifest = hostile / ".statekeep-manifest.json"
+        raw = manifest.read_bytes().replace(b'"sequence": 1,', b'"sequence": 9223372036854775807,')
+        manifest.write_bytes(raw)
+        s2, _ = store(states_dir)
+        assert s2.load_latest_state() is None
+        LatestStatesKeeper(states_dir, max_keep=5).cleanup()
+        saved = s2.save_state()
+        assert verify_state(saved).sequence == 2
+        assert s2.load_latest_state() == saved
+
+
+class TestHugeNumbersInTheDirectory:
+    """A manifest claiming the largest sequence cannot make later saves unloadable.
+
+    Before: where the counter comes from the manifests (no extended attributes, or the
+    attribute lost in a copy), a damaged head claiming 2**63-1 made every later save
+    numbered 2**63: committed, but refused by every reader ("not an integer from 0
+    to ..."), so nothing saved after it could ever be loaded.
+    """
+
+    @pytest.fixture(params=["scan", "attribute lost"])
+    def without_attribute(
+        self, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+    ) -> Callable[[Path], None]:
+        if request.param == "scan":
+            monkeypatch.setattr(_sequence, "_HAS_XATTR", False)
+            return lambda states_dir: None
+        if not _sequence._HAS_XATTR:
+            pytest.skip("no extended attributes here")
+        return lambda states_dir: os.removexattr(states_dir, _sequence.XATTR)
+
+    def claim_max(self, state: Path, *, sealed: bool) -> None:
+        path = state / _manifest.MANIFEST_NAME
+        if sealed:
+            m = dataclasses.replace(_manifest.read_manifest(state), sequence=(1 << 63) - 1)
+            path.write_bytes(m.to_bytes())
+        else:
+            raw = path.read_bytes()
+            path.write_bytes(raw.replace(b'"sequence": 1,', b'"sequence": 9223372036854775807,'))
+
+    def test_a_damaged_head_is_not_believed(
+        self, states_dir: Path, without_attribute: Callable[[Path], None]
+    ) -> None:
+        s, _ = store(states_dir)
+        self.claim_max(s.save_state(), sealed=False)
+        without_attribute(states_dir)
+        s2, _ = store(states_dir)
+        saved = s2.save_state()
+        verify_state(saved)
+        assert s2.load_latest_state() == saved
+
+    def test_a_sealed_maximum_refuses_the_save(
+        self, states_dir: Path, without_attribute: Callable[[Path], None]
+    ) -> None:
+        s, _ = store(states_dir)
+        top = s.save_state()
+        self.claim_max(top, sealed=True)
+        without_attribute(states_dir)
+        s2, _ = store(states_dir)
+        with pytest.raises(StorageError, match="exhausted"):
+            s2.save_state()
+        assert os.listdir(states_dir) == [top.name]  # nothing unloadable was committed
+
+
+class TestStatesDirReplaced:
+    """A states folder moved away and recreated while a store holds it open.
+
+    Before: the store's counter kept the old folder open and numbered its saves into
+    the new folder from the old one's attribute, repeating numbers another writer of
+    the new folder had handed out (two states with one sequence: order by accident).
+    """
+
+    def test_numbers_follow_the_folder_now_there(self, tmp_path: Path) -> None:
+        states_dir = tmp_path / "states"
+        old, _ = store(states_dir)
+        for _ in range(5):
+            old.save_state()
+        states_dir.rename(tmp_path / "states.old")
+        states_dir.mkdir()
+        old.save_state()
+        new, _ = store(states_dir)
+        new.save_state()
+        new.save_state()
+        last = old.save_state()
+        numbers = seqs(states_dir)
+        assert len(set(numbers.values())) == 4  # one number per commit
+        assert numbers[last.name] == max(numbers.values())
+        assert new.latest_state() == last
+
+
+class TestVerifyRacingRemoval:
+    """A state pruned while it is verified is gone, not corrupt.
+
+    Before: ``verify_state`` raised ``CorruptStateError`` ("m is missing") for a state a
+    keeper had just removed, and the keeper and the loader logged it as damaged.
+    """
+
+    @pytest.fixture
+    def prune_during_read(self, monkeypatch: pytest.MonkeyPatch) -> Callable[[Path], None]:
+        """Arrange for the state to be pruned (as a keeper does) just as its first file
+        is read, then let the read go on."""
+
+        def arm(state: Path) -> None:
+            real = _checksum.checksum_file
+            done = threading.Event()
+
+            def pruning(path: str, **kw: object) -> tuple[int, int]:
+                if not done.is_set():
+                    done.set()
+                    _atomic.discard_committed(state.parent, state)
+                return real(path, **kw)  # type: ignore[arg-type]
+
+            monkeypatch.setattr(_checksum, "checksum_file", pruning)
+
+        return arm
+
+    def test_verify_state_says_not_found(
+        self, states_dir: Path, prune_during_read: Callable[[Path], None]
+    ) -> None:
+        s, _ = store(states_dir)
+        state = s.save_state()
+        prune_during_read(state)
+        with pytest.raises(FileNotFoundError, match="removed"):
+            verify_state(state)
+
+    def test_no_damage_is_reported(
+        self,
+        states_dir: Path,
+        prune_during_read: Callable[[Path], None],
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        s, _ = store(states_dir)
+        state = s.save_state()
+        prune_during_read(state)
+        with caplog.at_level(logging.WARNING, logger="statekeep"):
+            assert _scan.verified(state) is False
+        assert caplog.records == []
+
+    def test_a_real_loss_is_still_corruption(self, states_dir: Path) -> None:
+        s, _ = store(states_dir)
+        state = s.save_state()
+        (state / "m").unlink()
+        with pytest.raises(CorruptStateError, match="m is missing"):
+            verify_state(state)
+
+
+class TestUnremovableState:
+    """The keeper leaves a state it may not empty where it is, visible.
+
+    Before: it renamed the state to a private ``.trash`` name, then failed to delete it:
+    the state vanished from every listing, ``states_dir`` held private debris for good,
+    and every later pass warned about it again.
+    """
+
+    def test_stays_visible_and_the_rest_is_pruned(self, nobody_dir: Path) -> None:
+        states_dir = nobody_dir / "states"
+
+        def scenario() -> None:
+            s, _ = store(states_dir)
+            locked, second, third = s.save_state(), s.save_state(), s.save_state()
+            locked.chmod(0)
+            removed = LatestStatesKeeper(states_dir, max_keep=1).cleanup()
+            assert removed == [second]
+            assert sorted(os.listdir(states_dir)) == sorted([locked.name, third.name])
+            locked.chmod(0o755)
+            assert LatestStatesKeeper(states_dir, max_keep=1).cleanup() == [locked]
+            assert os.listdir(states_dir) == [third.name]
+
+        as_nobody(scenario)
+
+    def test_removed_by_another_pruner_meanwhile_is_not_a_permission_error(
+        self, states_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Two keepers pruning one directory: the one that comes second finds the state
+        gone (FileNotFoundError, which the keeper skips), not forbidden."""
+        s, _ = store(states_dir)
+        state = s.save_state()
+        real = os.access
+        fired = threading.Event()
+
+        def other_keeper_first(path: object, mode: int, **kw: bool) -> bool:
+            if not fired.is_set():
+                fired.set()
+                _atomic.discard_committed(states_dir, state)
+            return real(path, mode, **kw)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(os, "access", other_keeper_first)
+        with pytest.raises(FileNotFoundError):
+            _atomic.discard_committed(states_dir, state)
