@@ -1,8 +1,9 @@
 """statekeep benchmarks: every operation against the physical limit and the peers.
 
 Run ``python bench/run.py`` (or ``nox -s bench``); ``--quick`` for a smoke run. Each
-suite's cases run interleaved in this one process (pamiq-core's in a worker under a
-Python >= 3.12); the tables give medians, and ratios against baselines of the same run.
+suite's cases run interleaved in this one process (pamiq-core's too when this Python is
+>= 3.12, else in a worker under one); the tables give medians, and ratios against
+baselines of the same run.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from _cases_listing import listing_cases
 from _cases_remote import remote_suites
 from _cases_snapshot import large_cases, small_cases
 from _goals import evaluate, goals
-from _harness import Result, Suite, run_suite, suite_table
+from _harness import Case, Result, Suite, run_suite, suite_table
 from _peers import PamiqWorker, pamiq_python
 
 HERE = Path(__file__).resolve().parent
@@ -64,29 +65,32 @@ def build_suites(tmp: Path, quick: bool, pamiq: tuple[str | None, str]) -> list[
     small_rounds, repeat = (5, 5) if quick else (41, 10)
     small = Suite("Snapshots, 3 x 1 KB components", small_cases(tmp, repeat), small_rounds)
     python, why = pamiq
+    labels = {
+        "pamiq_save": ("pamiq-core StateStore.save_state 3x1 KB", "inplace_save"),
+        "pamiq_load": ("pamiq-core StateStore.load_state 3x1 KB", "raw_read_small"),
+    }
+    if python == sys.executable:  # this Python has pamiq-core 0.4.0: run it in this process
+        from _pamiq_worker import make_cases
+
+        for key, sample in make_cases(tmp / "pamiq", repeat).items():
+            label, baseline = labels[key]
+            small.cases.append(Case(key, label, sample, baseline=baseline))
+        small.skipped.append(f"pamiq-core: run in this process ({why})")
+        python = None
     worker = None
     if python is not None:
         try:
             worker = PamiqWorker(python, tmp / "pamiq", repeat)
         except (OSError, RuntimeError) as exc:
             why = f"its worker under {python} failed: {exc}"
-    if worker is None:
+            small.skipped.append(f"pamiq-core: skipped, {why}")
+    elif not any(c.key == "pamiq_save" for c in small.cases):
         small.skipped.append(f"pamiq-core: skipped, {why}")
-    else:
-        small.cases.append(
-            worker.case(
-                "pamiq_save", "pamiq-core StateStore.save_state 3x1 KB", baseline="inplace_save"
-            )
-        )
-        small.cases.append(
-            worker.case(
-                "pamiq_load",
-                "pamiq-core StateStore.load_state 3x1 KB",
-                baseline="raw_read_small",
-                close=worker.close,
-            )
-        )
-        small.skipped.append(f"pamiq-core: run by {why}")
+    if worker is not None:
+        for key, (label, baseline) in labels.items():
+            close = worker.close if key == "pamiq_load" else None
+            small.cases.append(worker.case(key, label, baseline=baseline, close=close))
+        small.skipped.append(f"pamiq-core: run by a worker under {why}")
     sizes = [16 << 20, 64 << 20] if quick else [64 << 20, 256 << 20]
     # Writes and cold reads in separate suites: interleaving fsync-heavy writes with
     # evict-and-read cases made both sides' timings swing 3-4x on this VM's disk.
