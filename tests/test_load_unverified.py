@@ -42,7 +42,7 @@ def _save(states_dir: Path, names: list[str], **metadata: object) -> Path:
 def _loader(states_dir: Path, names: list[str]) -> tuple[StateStore, list[Value]]:
     store = StateStore(states_dir, durable=False)
     values = [Value(b"untouched") for _ in names]
-    for name, value in zip(names, values):
+    for name, value in zip(names, values, strict=True):
         store.register(name, value)
     return store, values
 
