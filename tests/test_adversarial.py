@@ -181,6 +181,14 @@ class TestResumeFromACopiedInState:
         finally:
             states_dir.chmod(0o755)
 
+    def test_a_dry_run_writes_nothing(self, backup: Path, states_dir: Path) -> None:
+        s, _ = store(states_dir)
+        s.save_state()
+        self.copy_in(backup, states_dir)
+        before = os.getxattr(states_dir, _sequence.XATTR)
+        assert LatestStatesKeeper(states_dir, max_keep=1).plan() != []
+        assert os.getxattr(states_dir, _sequence.XATTR) == before
+
     def test_a_damaged_number_is_not_believed(self, states_dir: Path) -> None:
         """A manifest whose head claims the largest number but fails its seal must not
         push the counter there: every later save would be numbered out of range."""

@@ -88,6 +88,7 @@ class LatestStatesKeeper:
             logger.warning("statekeep: states_dir %s does not exist; creating it", self.states_dir)
             self.states_dir.mkdir(parents=True, exist_ok=True)
         self._infos: dict[tuple[str, int], tuple[StateInfo, int]] = {}
+        self._highest = 0  # the highest sequence of a sealed manifest at the last scan
         self._after_fork()
         _fork.on_fork_child(self._after_fork)
 
@@ -137,10 +138,7 @@ class LatestStatesKeeper:
             infos.append(info)
             seals[info.path] = seal
         self._infos = seen  # forget what is gone
-        if seen:
-            # A state copied in by hand may be numbered above the directory's counter:
-            # raise it, or the saves that follow would be ordered below it and pruned.
-            _sequence.catch_up(self.states_dir, max(key[1] for key in seen))
+        self._highest = max((key[1] for key in seen), default=0)
         return infos, seals
 
     def plan(self, now: datetime | None = None) -> list[Path]:
@@ -168,7 +166,12 @@ class LatestStatesKeeper:
         """
         _atomic.sweep(self.states_dir)
         removed: list[Path] = []
-        for path in self.plan():
+        planned = self.plan()
+        # A state copied in by hand may be numbered above the directory's counter: raise
+        # it (to the highest sealed manifest seen), or the saves that follow would be
+        # ordered below it and pruned. Only here: plan() writes nothing.
+        _sequence.catch_up(self.states_dir, self._highest)
+        for path in planned:
             try:
                 _atomic.discard_committed(self.states_dir, path)
             except FileNotFoundError:
