@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import multiprocessing
 import os
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
+from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 
 import pytest
@@ -383,3 +386,88 @@ class TestUnremovableState:
         monkeypatch.setattr(os, "access", other_keeper_first)
         with pytest.raises(FileNotFoundError):
             _atomic.discard_committed(states_dir, state)
+
+
+class TestListingRacingTheKeeper:
+    """``latest_state()`` and ``list_states()`` never answer "nothing" while a committed
+    state exists, with saves and a keeper (``max_keep=1``) renaming states in and out.
+
+    Before: they worked from one scan; when the state listed was pruned before its
+    manifest was read (a newer one having been committed after the scan), they
+    returned ``None`` / ``[]`` (about 1 call in 2000 with a saver and a keeper running).
+    """
+
+    @pytest.fixture
+    def reader_racing(
+        self, states_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> tuple[StateStore, Callable[[], Path]]:
+        """A reader whose next manifest read first commits a newer state and prunes the
+        one being read, as a saver and a keeper in other processes do; and the newer
+        state, once it exists."""
+        saver, _ = store(states_dir)
+        old = saver.save_state()
+        reader = StateStore(states_dir)
+        real = _scan.read_manifest
+        newer: list[Path] = []
+
+        def racing(directory: str) -> _manifest.Manifest:
+            if not newer and directory == str(old):
+                newer.append(saver.save_state())
+                _atomic.discard_committed(states_dir, old)
+            return real(directory)
+
+        monkeypatch.setattr(_scan, "read_manifest", racing)
+        return reader, lambda: newer[0]
+
+    def test_latest_state(self, reader_racing: tuple[StateStore, Callable[[], Path]]) -> None:
+        reader, newer = reader_racing
+        assert reader.latest_state() == newer()
+
+    def test_list_states(self, reader_racing: tuple[StateStore, Callable[[], Path]]) -> None:
+        reader, newer = reader_racing
+        assert [i.path for i in reader.list_states()] == [newer()]
+
+    def test_an_empty_directory_is_still_empty(self, states_dir: Path) -> None:
+        reader = StateStore(states_dir)
+        assert reader.latest_state() is None
+        assert reader.list_states() == []
+
+    def test_processes(self, states_dir: Path) -> None:
+        """The real race, a saver and a keeper in two processes, many calls."""
+        ctx = multiprocessing.get_context("fork")
+        stop = ctx.Event()
+        s, _ = store(states_dir)
+        s.save_state()
+        procs = [
+            ctx.Process(target=_save_until, args=(states_dir, stop)),
+            ctx.Process(target=_prune_until, args=(states_dir, stop)),
+        ]
+        for p in procs:
+            p.start()
+        reader = StateStore(states_dir)
+        empty = calls = 0
+        deadline = time.monotonic() + 4.0
+        try:
+            while calls < 20_000 and time.monotonic() < deadline:
+                calls += 2
+                empty += reader.latest_state() is None
+                empty += not reader.list_states()
+        finally:
+            stop.set()
+            for p in procs:
+                p.join(30)
+                assert p.exitcode == 0
+        assert calls > 1000
+        assert empty == 0, f"{empty} of {calls} calls found nothing"
+
+
+def _save_until(states_dir: Path, stop: EventType) -> None:
+    s, _ = store(states_dir)
+    while not stop.is_set():
+        s.save_state()
+
+
+def _prune_until(states_dir: Path, stop: EventType) -> None:
+    keeper = LatestStatesKeeper(states_dir, max_keep=1, cleanup_interval=0)
+    while not stop.is_set():
+        keeper.cleanup()
