@@ -255,10 +255,11 @@ class SequenceCounter:
         """
         if highest <= self._last:
             return
+        if not self._xattr:  # each commit reads the manifests: nothing to store, no lock
+            self._last = max(self._last, highest)  # (the lock is held through a commit)
+            return
         with self._lock:
             self._last = max(self._last, highest)
-            if not self._xattr:
-                return  # each commit reads the manifests: nothing is stored
             try:
                 fd = self._open()
                 fcntl.flock(fd, fcntl.LOCK_EX)
