@@ -8,6 +8,7 @@ store order, report or prune wrongly before it was fixed.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import logging
 import multiprocessing
 import os
@@ -471,3 +472,33 @@ def _prune_until(states_dir: Path, stop: EventType) -> None:
     keeper = LatestStatesKeeper(states_dir, max_keep=1, cleanup_interval=0)
     while not stop.is_set():
         keeper.cleanup()
+
+
+@needs_xattr
+class TestReadersNeverWaitForTheLock:
+    """Raising the counter from a listing never waits for the directory's ``flock``:
+    a loader must not hang because another process (a saver stopped mid-commit, a
+    backup script running under ``flock states/``) holds it."""
+
+    def test_load_while_the_directory_is_locked(self, backup: Path, states_dir: Path) -> None:
+        s, _ = store(states_dir)
+        s.save_state()
+        shutil.copytree(backup, states_dir / backup.name)  # above the counter: a raise is due
+        holder = os.open(states_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(holder, fcntl.LOCK_EX)
+            result: list[object] = []
+            t = threading.Thread(
+                target=lambda: result.append(store(states_dir)[0].load_latest_state()),
+                daemon=True,
+            )
+            t.start()
+            t.join(20)
+            assert not t.is_alive(), "a reader waited for the directory's lock"
+            assert result == [states_dir / backup.name]
+        finally:
+            os.close(holder)
+        # Once the lock is free, the next listing raises the counter after all.
+        assert s.latest_state() == states_dir / backup.name
+        later = s.save_state()
+        assert seqs(states_dir)[later.name] > 20

@@ -249,9 +249,10 @@ class SequenceCounter:
         States copied into the directory by hand (resuming from a backup) carry numbers
         the attribute never handed out; without this, the next save would be numbered
         below them, ordered older than they are, and pruned at once. Costs nothing when
-        ``highest`` is not above what this counter has seen. A failure to raise the
-        attribute (a read-only filesystem, a directory we may only read) is ignored: a
-        reader must not fail for it.
+        ``highest`` is not above what this counter has seen. Never waits for the
+        directory's lock, and a failure to raise the attribute (the lock is held, a
+        read-only filesystem, a directory we may only read) is ignored: a reader must
+        neither block nor fail for it.
         """
         if highest <= self._last:
             return
@@ -259,10 +260,12 @@ class SequenceCounter:
             self._last = max(self._last, highest)  # (the lock is held through a commit)
             return
         with self._lock:
-            self._last = max(self._last, highest)
+            self._last = max(self._last, highest)  # this counter's own saves go above
             try:
                 fd = self._open()
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                # A reader never waits: if a writer (or anyone) holds the directory's
+                # lock, the attribute is raised by a later scan or keeper pass instead.
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 try:
                     current = _get(fd)
                     if current is not None and current < highest:
