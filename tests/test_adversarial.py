@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import gc
 import logging
 import multiprocessing
 import os
 import shutil
+import subprocess
 import tempfile
 import threading
 import time
@@ -502,3 +504,47 @@ class TestReadersNeverWaitForTheLock:
         assert s.latest_state() == states_dir / backup.name
         later = s.save_state()
         assert seqs(states_dir)[later.name] > 20
+
+
+@pytest.fixture
+def read_only_view(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """(a writable directory, the same directory seen through a read-only bind mount)."""
+    source, view = tmp_path / "rw", tmp_path / "ro"
+    source.mkdir()
+    view.mkdir()
+    bind = subprocess.run(["mount", "--bind", source, view], capture_output=True, text=True)
+    if bind.returncode != 0:
+        pytest.skip(f"cannot bind-mount here: {bind.stderr.strip()}")
+    try:
+        ro = subprocess.run(
+            ["mount", "-o", "remount,bind,ro", view], capture_output=True, text=True
+        )
+        if ro.returncode != 0:
+            pytest.skip(f"cannot remount read-only here: {ro.stderr.strip()}")
+        yield source, view
+    finally:
+        gc.collect()  # a store holds its directory open: let go of the test's stores
+        if subprocess.run(["umount", view]).returncode != 0:
+            subprocess.run(["umount", "-l", view], check=True)  # never leave it mounted
+
+
+class TestReadOnlyFilesystem:
+    """States on a read-only filesystem (an inference host's image) load and list; the
+    keeper removes nothing and says why, without claiming a permission problem."""
+
+    def test_load_list_and_prune(
+        self, read_only_view: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+    ) -> None:
+        source, view = read_only_view
+        s, _ = store(source / "states")
+        s.save_state()
+        newest = s.save_state()
+        reader, blob = store(view / "states")
+        assert reader.load_latest_state() == view / "states" / newest.name
+        assert blob.loaded == b"x"
+        assert len(reader.list_states()) == 2
+        with caplog.at_level(logging.ERROR, logger="statekeep"):
+            assert LatestStatesKeeper(view / "states", max_keep=1).cleanup() == []
+        assert "read-only filesystem" in caplog.text
+        assert len(os.listdir(source / "states")) == 2
+        del s, reader, blob
