@@ -94,12 +94,24 @@ def highest_committed(root: str) -> int:
             if order is not None:
                 heads.append((order[1], entry.path))
     heads.sort(reverse=True)
-    for _, path in heads:
+    for head in heads:
+        if head in _sealed:
+            return head[0]
         try:
-            return _manifest.read_manifest(path).sequence
+            sequence = _manifest.read_manifest(head[1]).sequence
         except (FileNotFoundError, CorruptStateError):
             continue
+        if len(_sealed) >= 4096:
+            _sealed.clear()
+        _sealed[(sequence, head[1])] = None
+        return sequence
     return 0
+
+
+# (sequence, path) of manifests read whole and sealed: a committed manifest never
+# changes, so where there are no attributes each commit reads one whole manifest only
+# when the top of the directory changed, not every time.
+_sealed: dict[tuple[int, str], None] = {}
 
 
 def _checked(value: int, root: str) -> int:
