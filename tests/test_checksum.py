@@ -46,6 +46,24 @@ class TestReadAll:
         assert _checksum.read_all(str(tmp_path / "f")) == data
 
 
+class TestReadAllGrowing:
+    """A file that grew between the fstat and the read still comes back whole."""
+
+    def test_grew(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        data = os.urandom(3 * _checksum.CHUNK + 11)
+        (tmp_path / "f").write_bytes(data)
+        real_fstat = os.fstat
+
+        def stale_fstat(fd: int) -> os.stat_result:
+            st = real_fstat(fd)
+            fields = list(st)
+            fields[6] = 100  # st_size as it was before the file grew
+            return os.stat_result(fields)
+
+        monkeypatch.setattr(os, "fstat", stale_fstat)
+        assert _checksum.read_all(str(tmp_path / "f")) == data
+
+
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
     (tmp_path / "b").mkdir()
@@ -290,7 +308,9 @@ def parallel(monkeypatch: pytest.MonkeyPatch) -> int:
 class TestParallelPass:
     """A large file is checksummed in parts on threads; the result is the whole file's."""
 
-    @pytest.mark.parametrize("size", [1 << 16, (1 << 16) + 1, 3 * _checksum.CHUNK + 2])
+    @pytest.mark.parametrize(
+        "size", [1 << 16, (1 << 16) + 1, 3 * _checksum.CHUNK + 2, _checksum._PARALLEL_SYNC + 7]
+    )
     @pytest.mark.parametrize("sync", [False, True])
     def test_matches_zlib(self, tmp_path: Path, parallel: int, size: int, sync: bool) -> None:
         data = os.urandom(size)

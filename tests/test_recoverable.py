@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import pickle
+import select
 import signal
 import subprocess
 import sys
@@ -129,7 +130,11 @@ class TestConstruction:
         ("options", "error", "match"),
         [
             ({"default_state": {"count": 1}}, TypeError, "default_state must be a pydantic"),
-            ({"persist_state_key": ""}, ValueError, "persist_state_key"),
+            (
+                {"persist_state_key": "", "persistence_enabled": True},
+                ValueError,
+                "persist_state_key",
+            ),
             ({"persist_state_key": "a\0b"}, ValueError, "persist_state_key"),
             ({"persist_state_key": 7}, TypeError, "persist_state_key"),
             ({"storage": object()}, TypeError, "CheckpointStorage"),
@@ -199,9 +204,13 @@ class TestLifecycle:
         with make(storage, schema_version=3, migrations={1: dict, 2: dict}) as state:
             state.current_value.count = 2
             state.persist_state()
-            assert storage.load(KEY) == {"schema_version": 3, "state": {"count": 2, "items": []}}
+            assert storage.load(KEY) == {"count": 2, "items": []}  # the model's own dump
             (info,) = storage.list_checkpoints()
-            assert info.metadata == {"kind": "statekeep.RecoverableState", "schema_version": 3}
+            assert info.metadata == {
+                "kind": "statekeep.RecoverableState",
+                "format": 2,
+                "schema_version": 3,
+            }
 
     def test_disabled_persistence_touches_nothing(self, storage: MemoryCheckpointStorage) -> None:
         state = RecoverableState(default_state=Counter(), persist_state_key=KEY, storage=storage)
@@ -247,7 +256,7 @@ class TestLifecycle:
         state.initialize().count = 8
         state.teardown()
         state.teardown()
-        assert storage.load(KEY) == {"schema_version": 1, "state": {"count": 8, "items": []}}
+        assert storage.load(KEY) == {"count": 8, "items": []}
         assert state.current_value.count == 8  # still readable
         with pytest.raises(RuntimeError):
             state.persist_state()
@@ -286,7 +295,7 @@ class TestSchemaEvolution:
         default = self.CounterV3(total=0, label="")
         with make(storage, default, schema_version=3, migrations=self.MIGRATIONS) as state:
             assert state.current_value == self.CounterV3(total=3, label="total=3")
-        assert storage.load(KEY) == {"schema_version": 3, "state": {"total": 3, "label": "total=3"}}
+        assert storage.load(KEY) == {"total": 3, "label": "total=3"}
 
     def test_migrates_from_the_middle(self, storage: MemoryCheckpointStorage) -> None:
         stored(storage, 2, {"total": 5})
@@ -354,9 +363,11 @@ class TestSchemaEvolution:
             make(storage, Nested()).initialize()
         assert info.value.field == "inner.value"
 
-    def test_not_an_envelope(self, storage: MemoryCheckpointStorage) -> None:
-        storage.save(KEY, {"count": 1})
-        with pytest.raises(StateValidationError, match="not a RecoverableState record") as info:
+    def test_malformed_envelope(self, storage: MemoryCheckpointStorage) -> None:
+        storage.save(KEY, {"schema_version": "1", "state": {"count": 1}})
+        with pytest.raises(
+            StateValidationError, match="malformed RecoverableState envelope"
+        ) as info:
             make(storage).initialize()
         assert info.value.key == KEY
         assert info.value.field is None
@@ -376,7 +387,7 @@ class TestSchemaEvolution:
         assert "'count'" in record.getMessage()
         assert "on_invalid='reset'" in record.getMessage()
         state.teardown()
-        assert storage.load(KEY) == {"schema_version": 1, "state": {"count": 1, "items": []}}
+        assert storage.load(KEY) == {"count": 1, "items": []}
 
     def test_errors_pickle(self) -> None:
         for error in (
@@ -399,7 +410,7 @@ class TestAutosave:
                 value.count = 5
             with recording.changed:
                 assert recording.changed.wait_for(
-                    lambda: any(r["state"]["count"] == 5 for r in recording.saved), timeout=WAIT
+                    lambda: any(r["count"] == 5 for r in recording.saved), timeout=WAIT
                 )
 
     def test_teardown_stops_thread_promptly(self, storage: MemoryCheckpointStorage) -> None:
@@ -442,7 +453,7 @@ class TestAutosave:
             stop.set()
             worker.join()
             state.teardown()
-        records = [r["state"] for r in saved]
+        records = saved
         assert any(r["a"] > 0 for r in records)
         assert all(r["a"] == r["b"] for r in records), [r for r in records if r["a"] != r["b"]]
 
@@ -462,8 +473,8 @@ class TestAutosave:
             worker.start()
         for worker in workers:
             worker.join()
-        assert recording.load(KEY) == {"schema_version": 1, "state": {"count": 200, "items": []}}
-        counts = [r["state"]["count"] for r in recording.saved]
+        assert recording.load(KEY) == {"count": 200, "items": []}
+        counts = [r["count"] for r in recording.saved]
         assert counts == sorted(counts)  # an older snapshot is never written after a newer one
         state.teardown()
 
@@ -499,8 +510,8 @@ class TestAutosave:
         state.persist_state()  # snapshots and writes count=2
         newer_written.set()
         older.join(WAIT)
-        assert [r["state"]["count"] for r in recording.saved] == [2]
-        assert recording.load(KEY) == {"schema_version": 1, "state": {"count": 2, "items": []}}
+        assert [r["count"] for r in recording.saved] == [2]
+        assert recording.load(KEY) == {"count": 2, "items": []}
         state.teardown()
 
 
@@ -533,7 +544,7 @@ class TestDefaultStorage:
         with pytest.raises(ValueError, match="closed"):
             storage.load(KEY)
         with FileCheckpointStorage(tmp_path / "states") as reader:
-            assert reader.load(KEY) == {"schema_version": 1, "state": {"count": 12, "items": []}}
+            assert reader.load(KEY) == {"count": 12, "items": []}
 
     def test_default_directory(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, opened: list[Any]
@@ -545,7 +556,7 @@ class TestDefaultStorage:
         ):
             pass
         with FileCheckpointStorage(tmp_path / ".statekeep-state") as reader:
-            assert reader.load(KEY) == {"schema_version": 1, "state": {"count": 2, "items": []}}
+            assert reader.load(KEY) == {"count": 2, "items": []}
 
     def test_closed_when_loading_fails(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, opened: list[Any]
@@ -571,50 +582,82 @@ class TestDefaultStorage:
         assert list(tmp_path.iterdir()) == []
 
 
+class AppHandler:
+    """The application's own SIGTERM handler; it writes to a pipe so a test can wait for it."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+        self.read_end, self.write_end = os.pipe()
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.calls.append(signum)
+        os.write(self.write_end, b"x")
+
+    def wait(self, count: int = 1) -> list[int]:
+        while len(self.calls) < count:
+            ready, _, _ = select.select([self.read_end], [], [], WAIT)
+            assert ready, f"the application's handler was not called within {WAIT}s"
+            os.read(self.read_end, 1)
+        return self.calls
+
+    def close(self) -> None:
+        os.close(self.read_end)
+        os.close(self.write_end)
+
+
 class TestSigtermInProcess:
-    """The SIGTERM hook chains to the application's handler, defers during update(), and leaves."""
+    """The SIGTERM hook persists off the handler, then chains; teardown gives the signal back."""
 
     @pytest.fixture
-    def app_handler(self) -> Iterator[list[tuple[int, Pair | None]]]:
-        calls: list[tuple[int, Pair | None]] = []
-
-        def handler(signum: int, frame: FrameType | None) -> None:
-            calls.append((signum, None))
-
+    def app_handler(self) -> Iterator[AppHandler]:
+        handler = AppHandler()
         original = signal.signal(signal.SIGTERM, handler)
         try:
-            yield calls
+            yield handler
         finally:
             signal.signal(signal.SIGTERM, original)
+            handler.close()
 
-    def test_chains_and_persists(self, app_handler: list[Any]) -> None:
+    def test_chains_and_persists(self, app_handler: AppHandler) -> None:
         recording = RecordingStorage()
         with make(recording, Pair(), persist_on_exit=True) as state:
             state.current_value.a = 3
             os.kill(os.getpid(), signal.SIGTERM)
-            recording.wait_for_saves(1)
-            assert app_handler == [(signal.SIGTERM, None)]
-            assert recording.saved[0]["state"] == {"a": 3, "b": 0}
+            assert app_handler.wait() == [signal.SIGTERM]
+            assert recording.wait_for_saves(1)[0] == {"a": 3, "b": 0}
 
-    def test_deferred_until_update_ends(self, app_handler: list[Any]) -> None:
+    def test_waits_for_update_to_end(self, app_handler: AppHandler) -> None:
         recording = RecordingStorage()
         with make(recording, Pair(), persist_on_exit=True) as state:
             with state.update() as value:
                 value.a = 1
                 os.kill(os.getpid(), signal.SIGTERM)
-                for _ in range(1000):  # plenty of bytecodes for the handler to run
-                    pass
-                assert app_handler == []
-                assert recording.saved == []
+                assert app_handler.wait() == [signal.SIGTERM]  # called at once
+                assert recording.saved == []  # the hand-off waits for update() to end
                 value.b = 1
-            assert app_handler == [(signal.SIGTERM, None)]
-            assert recording.saved[0]["state"] == {"a": 1, "b": 1}
+            assert recording.wait_for_saves(1)[0] == {"a": 1, "b": 1}  # never half of it
 
-    def test_teardown_restores_handler(self, app_handler: list[Any]) -> None:
+    def test_handler_does_no_io(self, app_handler: AppHandler) -> None:
+        """The storage's lock is held by the main thread when SIGTERM arrives (8.6)."""
+        recording = RecordingStorage()
+        state = make(recording, Pair(a=7), persist_on_exit=True)
+        state.initialize()
+        with recording.changed:
+            # The main thread holds the storage's own lock, as a StateManager saving to
+            # the same storage would: persisting inside the handler would wait for it
+            # forever (with a non-reentrant lock) or write in the middle of that save.
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert app_handler.wait() == [signal.SIGTERM]  # the handler returned
+            assert recording.saved == []
+        assert recording.wait_for_saves(1) == [{"a": 7, "b": 0}]
+        state.teardown()
+
+    def test_teardown_restores_handler(self, app_handler: AppHandler) -> None:
         mine = signal.getsignal(signal.SIGTERM)
         with make(RecordingStorage(), Pair(), persist_on_exit=True):
             assert signal.getsignal(signal.SIGTERM) is not mine
         assert signal.getsignal(signal.SIGTERM) is mine
+        assert not [t for t in threading.enumerate() if t.name == "statekeep-sigterm"]
 
     def test_ignored_sigterm_stays_ignored(self) -> None:
         recording = RecordingStorage()
@@ -622,7 +665,7 @@ class TestSigtermInProcess:
         try:
             with make(recording, Pair(a=5), persist_on_exit=True):
                 os.kill(os.getpid(), signal.SIGTERM)
-                assert recording.wait_for_saves(1)[0]["state"] == {"a": 5, "b": 0}
+                assert recording.wait_for_saves(1)[0] == {"a": 5, "b": 0}
             assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
         finally:
             signal.signal(signal.SIGTERM, original)
@@ -646,9 +689,24 @@ class TestSigtermInProcess:
         )  # fmt: skip
         with state:
             assert signal.getsignal(signal.SIGTERM) is before
-            assert not [t for t in threading.enumerate() if t.name.startswith("statekeep-auto")]
+            assert not [
+                t for t in threading.enumerate() if t.name.startswith("statekeep-autosave-")
+            ]
 
-    def test_stacked_states(self, app_handler: list[Any]) -> None:
+    def test_stacked_states_each_persist_once(self, app_handler: AppHandler) -> None:
+        first_storage, second_storage = RecordingStorage(), RecordingStorage()
+        first = make(first_storage, Pair(a=1), persist_on_exit=True)
+        second = make(second_storage, Pair(a=2), persist_on_exit=True)
+        first.initialize()
+        second.initialize()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert app_handler.wait() == [signal.SIGTERM]  # handed on once, through both
+        assert first_storage.wait_for_saves(1) == [{"a": 1, "b": 0}]
+        assert second_storage.wait_for_saves(1) == [{"a": 2, "b": 0}]
+        second.teardown()
+        first.teardown()
+
+    def test_stacked_states_torn_down(self, app_handler: AppHandler) -> None:
         recording = RecordingStorage()
         mine = signal.getsignal(signal.SIGTERM)
         first = make(recording, Pair(), persist_on_exit=True)
@@ -660,9 +718,7 @@ class TestSigtermInProcess:
         second.teardown()
         saves = len(recording.saved)
         os.kill(os.getpid(), signal.SIGTERM)
-        for _ in range(1000):
-            pass
-        assert app_handler == [(signal.SIGTERM, None)]  # reached through any pass-through
+        assert app_handler.wait() == [signal.SIGTERM]  # reached through any pass-through
         assert len(recording.saved) == saves  # neither torn-down state persisted again
 
 
@@ -766,7 +822,7 @@ class TestExitInSubprocess:
     def test_atexit(self, tmp_path: Path, spawn: Spawn) -> None:
         code, out, err = finish(spawn("exit"))
         assert (code, out) == (0, "ready\n"), err
-        assert persisted(tmp_path) == {"schema_version": 1, "state": {"a": 42, "b": 42}}
+        assert persisted(tmp_path) == {"a": 42, "b": 42}
 
     def test_without_the_option_nothing_is_persisted(self, tmp_path: Path, spawn: Spawn) -> None:
         code, _, err = finish(spawn("no-hook"))
@@ -780,7 +836,7 @@ class TestExitInSubprocess:
         child.send_signal(signal.SIGTERM)
         code, _, err = finish(child)
         assert code == -signal.SIGTERM, err  # still dies by SIGTERM
-        assert persisted(tmp_path) == {"schema_version": 1, "state": {"a": 42, "b": 42}}
+        assert persisted(tmp_path) == {"a": 42, "b": 42}
 
     def test_sigterm_chains_to_application_handler(self, tmp_path: Path, spawn: Spawn) -> None:
         child = spawn("app-handler")
@@ -789,7 +845,7 @@ class TestExitInSubprocess:
         child.send_signal(signal.SIGTERM)
         code, out, err = finish(child)
         assert (code, out) == (3, "app handler\n"), err
-        assert persisted(tmp_path) == {"schema_version": 1, "state": {"a": 42, "b": 42}}
+        assert persisted(tmp_path) == {"a": 42, "b": 42}
 
 
 class TestCrashRecovery:

@@ -89,7 +89,7 @@ def checksum_file(path: str, *, sync: bool, expect: int = 0) -> tuple[int, int]:
     ``expect`` is the size the caller expects (verification knows it from the manifest):
     when it is large, the read-ahead hint goes out before the first read, not after.
     A file of :data:`PARALLEL_MIN` bytes or more is split into contiguous parts, one
-    per CPU (at most :data:`MAX_PARTS`), each read and checksummed by its own thread
+    per idle CPU (see :func:`_parts`), each read and checksummed by its own thread
     (``zlib.crc32`` and reads release the GIL); the parts' CRCs are combined into the
     CRC-32 of the whole file, so the manifest format does not change.
 
@@ -100,9 +100,7 @@ def checksum_file(path: str, *, sync: bool, expect: int = 0) -> tuple[int, int]:
     try:
         size = st.st_size
         if size >= PARALLEL_MIN and (parts := _parts()) > 1:
-            return _with_fsync(
-                fd, sync and size >= _PARALLEL_SYNC, _crc_parallel, path, fd, size, parts
-            )
+            return _with_fsync(fd, sync, _crc_parallel, path, fd, size, parts)
         if expect >= FIRST and _SEQUENTIAL is not None:
             os.posix_fadvise(fd, 0, 0, _SEQUENTIAL)
         head = os.read(fd, FIRST)

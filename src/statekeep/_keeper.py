@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
 
-from statekeep import _atomic, _fork, _scan, _sequence
+from statekeep import _atomic, _fork, _publish, _scan, _sequence
 from statekeep._order import (
     EntryKind,
     KeepLatest,
@@ -17,7 +18,8 @@ from statekeep._order import (
     oldest_first,
     plan_removals,
 )
-from statekeep.errors import CorruptStateError
+from statekeep.errors import CorruptStateError, StorageError
+from statekeep.remote import Remote, open_remote
 
 __all__ = ["LatestStatesKeeper"]
 
@@ -50,6 +52,9 @@ class LatestStatesKeeper:
             negative keeps all, zero removes all.
         cleanup_interval: seconds between background passes.
         policy: a :class:`RetentionPolicy` deciding what to keep instead of ``max_keep``.
+        remote: a remote the states are published to (a URL, a path or a
+            :class:`statekeep.remote.Remote`), pruned by the same rules on each pass:
+            manifest first, then the files; debris older than an hour is reclaimed.
 
     Raises:
         ValueError: ``cleanup_interval`` is negative, the pattern holds a ``/``, or both
@@ -64,6 +69,7 @@ class LatestStatesKeeper:
         cleanup_interval: float = 60.0,
         *,
         policy: RetentionPolicy | None = None,
+        remote: str | os.PathLike[str] | Remote | None = None,
     ) -> None:
         if cleanup_interval < 0:
             raise ValueError(f"cleanup_interval must be >= 0, got {cleanup_interval!r}")
@@ -89,6 +95,7 @@ class LatestStatesKeeper:
             self.states_dir.mkdir(parents=True, exist_ok=True)
         self._infos: dict[tuple[str, int], tuple[StateInfo, int]] = {}
         self._highest = 0  # the highest sequence of a sealed manifest at the last scan
+        self.remote = None if remote is None else open_remote(remote)
         self._after_fork()
         _fork.on_fork_child(self._after_fork)
 
@@ -181,6 +188,17 @@ class LatestStatesKeeper:
                 continue
             logger.info("statekeep: removed old state %s", path)
             removed.append(path)
+        if self.remote is not None:
+            choose = _publish.by_policy(
+                self._policy(),
+                self.state_name_pattern,
+                datetime.now(timezone.utc),
+                remove_all=self.policy is None and self.max_keep == 0,
+            )
+            try:
+                _publish.prune_remote(self.remote, choose=choose)
+            except StorageError as exc:  # the local pass is done; the next pass retries
+                logger.error("statekeep: could not prune %r: %s", self.remote, exc)
         return removed
 
     def _loop(self) -> None:

@@ -174,8 +174,11 @@ def _entry(item: object) -> Entry:
         return Entry(path, True)
     if kind != "file":
         raise _Bad(f"file {path!r} has type {kind!r:.40}, not 'file' or 'dir'")
-    size = _int(item.get("size"), f"the size of {path!r}")
-    return Entry(path, False, size, _int(item.get("crc32"), f"the CRC-32 of {path!r}", 0xFFFFFFFF))
+    size, crc = item.get("size"), item.get("crc32")
+    if type(size) is int and type(crc) is int and 0 <= size <= _MAX_INT and 0 <= crc <= 0xFFFFFFFF:
+        return Entry(path, False, size, crc)  # the common case: no error message built
+    size = _int(size, f"the size of {path!r}")
+    return Entry(path, False, size, _int(crc, f"the CRC-32 of {path!r}", 0xFFFFFFFF))
 
 
 def _created_at(value: object) -> datetime:

@@ -10,11 +10,12 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import pydantic
 from typing_extensions import Self
 
+from statekeep._fork import on_fork_child
 from statekeep._recoverable_hooks import AutoPersist
 from statekeep._recoverable_schema import Migration, check_schema, decode_state, encode_state
 from statekeep.errors import StateValidationError, StateVersionError
@@ -49,8 +50,10 @@ class RecoverableState(Generic[TModel]):
     Args:
         default_state: the value to start from when nothing is persisted; a deep copy
             is used, the instance itself is never mutated.
-        persist_state_key: the storage session under which the value is kept.
-        persistence_enabled: when False, nothing is read or written.
+        persist_state_key: the storage session under which the value is kept; may be
+            empty only while persistence is disabled.
+        persistence_enabled: when False, nothing is read or written (and giving
+            ``storage`` or ``persist_interval`` anyway logs one warning).
         storage: where to persist; by default a ``FileCheckpointStorage`` in
             ``$STATEKEEP_STATE_DIR`` (else ``./.statekeep-state``), created on
             :meth:`initialize` and closed on :meth:`teardown`. A storage you pass is
@@ -65,8 +68,15 @@ class RecoverableState(Generic[TModel]):
             from the default instead. A persisted version that is too new always raises
             :class:`StateVersionError`.
         persist_on_exit: also persist at normal interpreter exit and on SIGTERM (the
-            SIGTERM handler is installed only when initialized from the main thread,
-            and hands the signal on to the handler it replaced).
+            SIGTERM handler is installed only when initialized from the main thread;
+            it hands the save to a helper thread, never doing I/O itself, and passes
+            the signal on to the handler it replaced).
+
+    The persisted record is the model's own JSON dump (``{"root": dump}`` for a
+    ``RootModel`` whose dump is not an object), with the schema version in the
+    checkpoint's metadata. The autosave thread holds the state weakly: a state dropped
+    without :meth:`teardown` is collected and its thread stops. In a child made by
+    ``fork()`` the state's calls work, but it neither autosaves nor runs exit hooks.
 
     Raises:
         TypeError: ``default_state`` is not a pydantic model, or ``storage`` does not
@@ -97,9 +107,10 @@ class RecoverableState(Generic[TModel]):
             raise TypeError(
                 f"persist_state_key must be a str, not {type(persist_state_key).__name__}"
             )
-        if not persist_state_key or "\0" in persist_state_key:
+        if "\0" in persist_state_key or (persistence_enabled and not persist_state_key):
             raise ValueError(
-                f"persist_state_key must be a non-empty str without NUL, not {persist_state_key!r}"
+                f"persist_state_key must be a non-empty str without NUL when persistence is "
+                f"enabled, not {persist_state_key!r}"
             )
         if storage is not None and not isinstance(storage, CheckpointStorage):
             raise TypeError(
@@ -139,12 +150,25 @@ class RecoverableState(Generic[TModel]):
         self._seq = 0  # snapshot counter, under _lock
         self._saved_seq = 0  # newest snapshot written, under _io_lock
         self._auto = AutoPersist(
-            self.persist_state,
+            self._persist_now,
             name=persist_state_key,
             interval=persist_interval if self._enabled else None,
             on_exit=bool(persist_on_exit) and self._enabled,
             log=self._log,
         )
+        if not self._enabled and (storage is not None or persist_interval is not None):
+            given = " and ".join(
+                name
+                for name, value in (("storage", storage), ("persist_interval", persist_interval))
+                if value is not None
+            )
+            self._log.warning(
+                "RecoverableState %r: %s given but persistence_enabled is False, so nothing "
+                "will be loaded or saved; pass persistence_enabled=True to persist",
+                persist_state_key,
+                given,
+            )
+        on_fork_child(self._after_fork)
 
     @property
     def current_value(self) -> TModel:
@@ -181,16 +205,17 @@ class RecoverableState(Generic[TModel]):
                 self._close_storage()
                 raise
             self._active = True
-            self._auto.start()
+            self._auto.start(self)
             return self._state
 
     def _load(self, storage: CheckpointStorage) -> TModel:
         record = storage.load(self._key)
         if record is None:
             return self._default.model_copy(deep=True)
+        metadata = self._metadata(storage)
         try:
             return decode_state(
-                self._key, record, self._model, self._schema_version, self._migrations
+                self._key, record, metadata, self._model, self._schema_version, self._migrations
             )
         except StateVersionError:
             raise
@@ -200,6 +225,13 @@ class RecoverableState(Generic[TModel]):
             self._log.warning("%s; on_invalid='reset': starting from the default state", exc)
             return self._default.model_copy(deep=True)
 
+    def _metadata(self, storage: CheckpointStorage) -> Mapping[str, Any] | None:
+        """The metadata of this key's checkpoint (where the schema version is kept)."""
+        for info in storage.list_checkpoints():
+            if info.session_id == self._key:
+                return info.metadata
+        return None
+
     @contextmanager
     def update(self) -> Iterator[TModel]:
         """Hold the lock the autosave takes and yield :attr:`current_value` to mutate.
@@ -207,39 +239,37 @@ class RecoverableState(Generic[TModel]):
         ``with state.update() as value: value.a += 1; value.b += 1`` is persisted either
         before or after both changes, never between them. Re-entrant.
         """
-        with self._auto.critical(), self._lock:
+        with self._lock:
             yield self.current_value
 
-    def persist_state(self) -> None:
+    def persist_state(self, event_data: object = None) -> None:
         """Save a snapshot of the current value now; a no-op when persistence is disabled.
+
+        Args:
+            event_data: ignored; accepted so that the method can be wired as an event
+                listener, as crawlee does with its ``PERSIST_STATE`` event.
 
         Raises:
             RuntimeError: not initialized (or already torn down).
         """
-        if not self._enabled:
-            return
-        with self._auto.critical():
-            with self._lock:
-                if not self._active or self._storage is None:
-                    raise RuntimeError(
-                        f"RecoverableState {self._key!r} is not initialized; nothing to persist"
-                    )
-                storage = self._storage
-                record = encode_state(self.current_value, self._schema_version)
-                self._seq += 1
-                seq = self._seq
-            with self._io_lock:
-                if seq <= self._saved_seq:
-                    return  # a newer snapshot is already written
-                storage.save(
-                    self._key,
-                    record,
-                    metadata={
-                        "kind": "statekeep.RecoverableState",
-                        "schema_version": self._schema_version,
-                    },
+        if self._enabled:
+            self._persist_now()
+
+    def _persist_now(self) -> None:
+        with self._lock:
+            if not self._active or self._storage is None:
+                raise RuntimeError(
+                    f"RecoverableState {self._key!r} is not initialized; nothing to persist"
                 )
-                self._saved_seq = seq
+            storage = self._storage
+            data, metadata = encode_state(self.current_value, self._schema_version)
+            self._seq += 1
+            seq = self._seq
+        with self._io_lock:
+            if seq <= self._saved_seq:
+                return  # a newer snapshot is already written
+            storage.save(self._key, data, metadata=metadata)
+            self._saved_seq = seq
 
     def reset(self) -> None:
         """Go back to a deep copy of the default and remove the persisted value.
@@ -247,7 +277,7 @@ class RecoverableState(Generic[TModel]):
         Raises:
             RuntimeError: persistence is enabled and the state is not initialized.
         """
-        with self._auto.critical(), self._lock:
+        with self._lock:
             if self._enabled and (not self._active or self._storage is None):
                 raise RuntimeError(f"RecoverableState {self._key!r} is not initialized")
             self._state = self._default.model_copy(deep=True)
@@ -285,6 +315,12 @@ class RecoverableState(Generic[TModel]):
         tb: TracebackType | None,
     ) -> None:
         self.teardown()
+
+    def _after_fork(self) -> None:
+        # In a child made by fork() only the forking thread exists: a lock held by the
+        # autosave thread (or any other) at that instant would never be released.
+        self._lock = threading.RLock()
+        self._io_lock = threading.Lock()
 
     # -- storage -------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from statekeep import _atomic, _commit, _manifest, _scan, _sequence
+from statekeep import _atomic, _commit, _manifest, _publish, _scan, _sequence
 from statekeep._order import Entry, EntryKind, StateInfo, oldest_first
 from statekeep.errors import (
     CorruptStateError,
@@ -19,6 +19,7 @@ from statekeep.errors import (
     StateExistsError,
     StatekeepError,
 )
+from statekeep.remote import Remote, open_remote
 
 __all__ = ["PersistentStateMixin", "StateInfo", "StateStore", "verify_state"]
 
@@ -81,6 +82,9 @@ class StateStore:
         states_dir: where states go; created (with parents) if missing.
         state_name_format: ``strftime`` format of a state's directory name (local time).
         durable: fsync every file and directory so a save survives power loss.
+        remote: where each committed state is also published (``s3://bucket/prefix``,
+            a path of a shared disk, or a :class:`statekeep.remote.Remote`); see
+            "Snapshots on object storage" in the documentation.
     """
 
     def __init__(
@@ -89,6 +93,7 @@ class StateStore:
         state_name_format: str = "%Y-%m-%d_%H-%M-%S,%f.state",
         *,
         durable: bool = True,
+        remote: str | os.PathLike[str] | Remote | None = None,
     ) -> None:
         self.states_dir = Path(states_dir)
         self.state_name_format = state_name_format
@@ -98,6 +103,10 @@ class StateStore:
         self._root = str(self.states_dir)
         _atomic.make_root(self.states_dir, durable=durable)
         self._counter = _sequence.SequenceCounter(self._root)
+        self._publisher: _publish.Publisher | None = None
+        if remote is not None:
+            self._publisher = _publish.Publisher(open_remote(remote), self._root, durable=durable)
+            self._counter = self._publisher.counter()
         _atomic.sweep(self.states_dir)
         self._scan()  # a state copied in by hand may be numbered above the counter
 
@@ -135,10 +144,16 @@ class StateStore:
             metadata: JSON-ready values (a step, a loss) recorded in the manifest and
                 shown by :meth:`list_states` and :func:`verify_state`.
 
+        With a remote, the state is then published (files first, the manifest last)
+        before this returns, after anything earlier saves left unpublished.
+
         Raises:
-            StateExistsError: a state with the same name is already committed.
+            StateExistsError: a state with the same name is already committed (or,
+                with a remote, another machine already published that name).
             TypeError: ``metadata`` is not a mapping of str keys to JSON-ready values
                 (checked before anything is written; the message names the key).
+            StorageError: publishing failed; the state is committed locally, and the
+                next save (or :meth:`publish_pending`) publishes it.
         """
         meta = _check_metadata(metadata)
         components = list(self._components())
@@ -158,7 +173,22 @@ class StateStore:
             manifest.sequence,
             manifest.size_bytes,
         )
+        if self._publisher is not None:
+            self._publisher.publish(final)
         return self.states_dir / name
+
+    def publish_pending(self) -> list[Path]:
+        """Publish every local state the remote lacks, oldest first; return those published.
+
+        Without a remote there is nothing to do. A name another machine already
+        published is skipped with a warning.
+
+        Raises:
+            StorageError: the remote failed (what was published before stays).
+        """
+        if self._publisher is None:
+            return []
+        return self._publisher.publish_pending()
 
     def load_state(
         self, state_path: str | Path, *, verify: bool = True, allow_missing: bool = False
@@ -253,7 +283,8 @@ class StateStore:
 
         Order is the order of commits (the sequence), whatever the clock said. A
         state whose manifest cannot be read is left out and logged once. Never empty
-        while a committed state exists, even with a keeper pruning meanwhile.
+        while a committed state exists, even with a keeper pruning meanwhile. With a
+        remote, its states are listed too; each says where it lives (``location``).
         """
 
         def infos(entries: list[Entry]) -> list[StateInfo] | None:
@@ -271,14 +302,22 @@ class StateStore:
                 found.append(_scan.info_of(Path(entry.path), manifest))
             return found or None
 
-        return self._settled(infos) or []
+        local = self._settled(infos) or []
+        if self._publisher is not None:
+            return self._publisher.listing(local)
+        return local
 
     def latest_state(self) -> Path | None:
         """The newest committed state (highest sequence with a readable manifest), or None.
 
         None only when no committed state exists: a state pruned while we looked makes
-        the directory be listed again.
+        the directory be listed again. With a remote, the newest of local and remote
+        states (a remote-only state's path is where :meth:`load_latest_state` would
+        bring it).
         """
+        if self._publisher is not None:
+            listing = self.list_states()
+            return listing[-1].path if listing else None
 
         def newest(entries: list[Entry]) -> Path | None:
             for entry in reversed(entries):
@@ -304,10 +343,17 @@ class StateStore:
         scanned again and the whole load starts over on the newest state that still
         exists, so no component keeps part of a state that vanished.
 
+        With a remote, a remote state newer than every local one is first brought into
+        ``states_dir`` (verified on the way, through the same private path as a save):
+        on an empty ``states_dir`` that is the newest remote state that verifies.
+
         Raises:
             MissingComponentsError: the newest state that verifies lacks registered
                 components (never skipped silently; pass ``allow_missing=True``).
+            StorageError: the remote failed (nothing was loaded).
         """
+        if self._publisher is not None:
+            self._publisher.pull_newest(_sequence.highest_committed(self._root))
         bad: set[str] = set()
         seen: list[str] | None = None
         for _ in range(_MAX_RESCANS):

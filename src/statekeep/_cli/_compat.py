@@ -1,7 +1,8 @@
-"""Adapters over names that other parts of statekeep add (DESIGN.md, "Operating it").
+"""The seams between the command and the library: metadata, the keeper, retention by age.
 
-The command is written against the fixed names; where this statekeep predates one of
-them, these functions say so as a usage error instead of failing with a traceback.
+Kept in one place so that the command's modules import the library lazily (``ls`` never
+imports the keeper) and a user's checkpoint backend without ``delete_older_than`` still
+prunes through the protocol's five methods.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
-
-from statekeep._cli._common import fail
 
 
 def metadata_of(manifest: object) -> dict[str, Any]:
@@ -28,40 +27,22 @@ def metadata_of(manifest: object) -> dict[str, Any]:
 
 
 def policy_class(name: str) -> Any:
-    """``statekeep.<name>`` (a retention policy), or a usage error naming what is missing."""
-    module = importlib.import_module("statekeep")
-    found = getattr(module, name, None)
-    if found is None:
-        fail(f"this statekeep has no {name}: retention policies other than --keep need a newer one")
-    return found
+    """``statekeep.<name>``: a retention policy class."""
+    return getattr(importlib.import_module("statekeep"), name)
 
 
-def keeper(states_dir: str, pattern: str, max_keep: int, policy: object | None) -> Any:
-    """A LatestStatesKeeper for one pass (never started)."""
+def keeper(states_dir: str, pattern: str, max_keep: int, policy: Any) -> Any:
+    """A LatestStatesKeeper for one pass (never started): ``max_keep`` or ``policy``."""
     from statekeep._keeper import LatestStatesKeeper
 
     if policy is None:
         return LatestStatesKeeper(states_dir, pattern, max_keep=max_keep, cleanup_interval=0)
-    try:
-        return LatestStatesKeeper(  # type: ignore[call-arg, unused-ignore]
-            states_dir, pattern, cleanup_interval=0, policy=policy
-        )
-    except TypeError:
-        fail("this statekeep's LatestStatesKeeper takes no policy: use --keep N")
+    return LatestStatesKeeper(states_dir, pattern, cleanup_interval=0, policy=policy)
 
 
 def plan(keeper: Any) -> list[Path]:
     """What one cleanup pass would remove now, removing nothing."""
-    planner = getattr(keeper, "plan", None)
-    if planner is not None:
-        return list(planner())
-    if getattr(keeper, "policy", None) is not None:  # pragma: no cover - both land together
-        fail("this statekeep cannot plan a policy's removals: run without --dry-run")
-    from statekeep._keeper import select_for_removal
-    from statekeep._store import scan_dirs
-
-    states = scan_dirs(keeper.states_dir, keeper.state_name_pattern)
-    return [s.path for s in select_for_removal(states, keeper.max_keep)]
+    return list(keeper.plan())
 
 
 def delete_older_than(storage: Any, age: timedelta, now: datetime) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import os
-import stat
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from statekeep import _manifest
+from statekeep import _scan as scanner
 from statekeep._atomic import is_private
 from statekeep._cli import _compat
 from statekeep._cli._common import (
@@ -29,6 +29,8 @@ from statekeep._cli._common import (
     os_problem,
     table,
 )
+from statekeep._order import Entry, EntryKind
+from statekeep._store import verify_state
 from statekeep.errors import CorruptStateError
 
 MANIFEST = _manifest.MANIFEST_NAME
@@ -54,7 +56,9 @@ class Row:
             "name": self.name,
             "path": self.path,
             "sequence": self.sequence,
-            "created_at": None if self.created_at is None else self.created_at.isoformat(),
+            "created_at": None
+            if self.created_at is None
+            else self.created_at.astimezone(timezone.utc).isoformat(),
             "size_bytes": self.size_bytes,
             "status": self.status,
             "problem": self.problem,
@@ -67,31 +71,30 @@ class Row:
 class Scanned:
     """A directory of the store: its manifest, or why it has none (then its mtime)."""
 
-    path: Path
+    path: str
+    name: str
     manifest: _manifest.Manifest | None
     problem: CorruptStateError | None
     mtime: float
 
     @property
     def key(self) -> tuple[int, float, str]:
-        """Commit order, as the store's: states by sequence after those without a manifest
-        (by mtime); ties by name."""
+        """Commit order, as the store's (:mod:`statekeep._order`): states by sequence, after
+        the directories without a readable manifest (by mtime)."""
         if self.manifest is not None:
-            return (1, float(self.manifest.sequence), self.path.name)
-        return (0, self.mtime, self.path.name)
+            return Entry(self.path, EntryKind.STATE, self.manifest.sequence).key
+        return Entry(self.path, EntryKind.UNSEQUENCED, created=self.mtime).key
 
 
 def _row(scanned: Scanned) -> Row:
     m = scanned.manifest
     if m is None:
-        return Row(
-            scanned.path.name, str(scanned.path), None, None, 0, "damaged", str(scanned.problem)
-        )
-    created = m.created_at.astimezone(timezone.utc)
-    meta = dict(_compat.metadata_of(m))
-    path = str(scanned.path)
+        return Row(scanned.name, scanned.path, None, None, 0, "damaged", str(scanned.problem))
+    created = m.created_at  # aware; made UTC only for --json
+    meta = _compat.metadata_of(m)
+    path = scanned.path
     return Row(
-        scanned.path.name,
+        scanned.name,
         path,
         m.sequence,
         created,
@@ -99,34 +102,14 @@ def _row(scanned: Scanned) -> Row:
         "unverified",
         None,
         meta,
-        check=partial(_manifest.verify, path),
+        check=partial(verify_state, path),
     )
 
 
 def _read_manifest(state: str) -> _manifest.Manifest:
-    """The state's manifest; a CorruptStateError for any reason it cannot be had.
-
-    Stricter than the library's reader on what this command meets in the wild: a
-    manifest that is a FIFO is refused before it is opened (opening it would block),
-    and EACCES or EIO become this state's problem, not the listing's.
-    """
-    where = f"{state}/{MANIFEST}"
-    try:
-        mode = os.lstat(where).st_mode
-    except FileNotFoundError:
-        mode = stat.S_IFREG  # read_manifest says which: no state, or no manifest
-    except OSError as exc:
-        raise CorruptStateError(f"state {state}: manifest {where}: {os_problem(exc)}") from None
-    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
-        raise CorruptStateError(f"state {state}: manifest {where} is not a regular file")
-    try:
-        return _manifest.read_manifest(state)
-    except (FileNotFoundError, CorruptStateError):
-        raise
-    except OSError as exc:
-        raise CorruptStateError(
-            f"state {state}: manifest {where} cannot be read: {os_problem(exc)}"
-        ) from None
+    """The state's manifest; a CorruptStateError for any reason it cannot be had (a FIFO
+    manifest is refused unopened; EACCES or EIO are this state's problem, not the list's)."""
+    return scanner.read_manifest(state)
 
 
 def _scan_dirs(states_dir: str, pattern: str | None) -> list[Scanned]:
@@ -150,7 +133,7 @@ def _scan_dirs(states_dir: str, pattern: str | None) -> list[Scanned]:
                     continue  # removed while we looked
             except FileNotFoundError:
                 continue
-            found.append(Scanned(Path(entry.path), manifest, problem, mtime))
+            found.append(Scanned(entry.path, entry.name, manifest, problem, mtime))
     found.sort(key=lambda s: s.key)
     return found
 
@@ -169,7 +152,7 @@ def _scan(states_dir: str, pattern: str | None = None) -> list[Scanned]:
             f"{states_dir}: not a statekeep states directory"
             f" (none of its {len(found)} directories has a {MANIFEST})"
         )
-    if not found:
+    if not found and pattern is None:  # (with a pattern, nothing may match: that is fine)
         if os.path.isfile(f"{states_dir}/{MANIFEST}"):
             fail(
                 f"{states_dir}: is a state, not a states directory"
@@ -209,8 +192,12 @@ class Progress:
             self.stream.flush()
 
 
-def _verify_rows(rows: list[Row], show_progress: bool = True) -> None:
-    """Check every unverified row in place (status and problem)."""
+def _verify_rows(rows: list[Row], show_progress: bool = True) -> list[Row]:
+    """Check every unverified row in place (status and problem); return those still there.
+
+    A state removed while we looked (a keeper pruning it) is not damage: it is left out.
+    """
+    gone: set[int] = set()
     progress = Progress(sum(r.size_bytes for r in rows), sys.stderr, show_progress)
     try:
         for i, row in enumerate(rows, 1):
@@ -220,7 +207,7 @@ def _verify_rows(rows: list[Row], show_progress: bool = True) -> None:
                 except CorruptStateError as exc:
                     row.status, row.problem = "damaged", str(exc)
                 except FileNotFoundError:
-                    row.status, row.problem = "damaged", f"state {row.path} was removed meanwhile"
+                    gone.add(i)
                 except OSError as exc:  # EACCES, EIO: this state cannot be checked
                     row.status = "damaged"
                     row.problem = f"state {row.path} cannot be read: {exc}"
@@ -229,6 +216,7 @@ def _verify_rows(rows: list[Row], show_progress: bool = True) -> None:
             progress.advance(row.size_bytes, i, len(rows))
     finally:
         progress.close()
+    return [row for i, row in enumerate(rows, 1) if i not in gone]
 
 
 def _print_rows(rows: list[Row]) -> None:
@@ -272,7 +260,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     """One line per state, newest last."""
     rows = _rows(args.target)
     if args.verify:
-        _verify_rows(rows)
+        rows = _verify_rows(rows)
     if args.json:
         emit_json({"states_dir": args.target, "states": [r.to_json() for r in rows]})
     else:
@@ -313,14 +301,13 @@ def _one(path: Path) -> Row:
         "unverified",
         None,
         meta,
-        check=partial(_manifest.verify, where),
+        check=partial(verify_state, where),
     )
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Check every file of every state (or of those named)."""
-    rows = _states_of(args.target, args.states)
-    _verify_rows(rows)
+    rows = _verify_rows(_states_of(args.target, args.states))
     if args.json:
         bad = sum(r.status == "damaged" for r in rows)
         emit_json({"states": [r.to_json() for r in rows], "damaged": bad, "checked": len(rows)})
@@ -398,7 +385,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from statekeep._cli import _policy
 
     policy, max_keep = _policy.from_args(args)
-    before = [s.path for s in _scan(args.target, args.pattern)]
+    names = [s.name for s in _scan(args.target, args.pattern)]
     keeper = _compat.keeper(args.target, args.pattern, max_keep, policy)
     if args.dry_run:
         removed = _compat.plan(keeper)
@@ -408,7 +395,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
         except OSError as exc:
             fail(f"{args.target}: cannot prune it: {os_problem(exc)}")
     gone = {p.name for p in removed}
-    names = [p.name for p in before]
     kept = [n for n in names if n not in gone]
     gone_in_order = [n for n in names if n in gone] + sorted(gone.difference(names))
     verb = "would remove" if args.dry_run else "removed"

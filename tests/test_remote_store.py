@@ -1,0 +1,253 @@
+"""StateStore and LatestStatesKeeper with ``remote=``, on both remote implementations."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from statekeep import (
+    LatestStatesKeeper,
+    PersistentStateMixin,
+    StateExistsError,
+    StateStore,
+    StorageError,
+)
+from statekeep import _publish as pub
+from statekeep.remote import DirectoryRemote, Remote, S3Remote
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Value(PersistentStateMixin):
+    def __init__(self, value: object = None) -> None:
+        self.value = value
+
+    def save_state(self, path: Path) -> None:
+        path.write_text(json.dumps(self.value))
+
+    def load_state(self, path: Path) -> None:
+        self.value = json.loads(path.read_text())
+
+
+@pytest.fixture(params=["directory", "s3"])
+def make_remote(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Remote]:
+    """New handles on one fresh remote."""
+    if request.param == "directory":
+        return lambda: DirectoryRemote(tmp_path / "remote")
+    bucket = request.getfixturevalue("s3_bucket")
+    server = request.getfixturevalue("s3_server")
+    return lambda: S3Remote(f"s3://{bucket}/store", client=server.client())
+
+
+def store_with(path: Path, remote: Remote, **kw: Any) -> tuple[StateStore, Value]:
+    store = StateStore(path, remote=remote, **kw)
+    value = Value()
+    store.register("value", value)
+    return store, value
+
+
+class TestSaveAndRestore:
+    """Saves are published; a fresh machine restores exactly the last one."""
+
+    def test_fresh_machine(self, make_remote: Callable[[], Remote], tmp_path: Path) -> None:
+        """An empty states_dir loads the newest remote state, committed locally."""
+        store, value = store_with(tmp_path / "m1", make_remote())
+        for i in range(3):
+            value.value = i
+            last = store.save_state(metadata={"i": i})
+        fresh, got = store_with(tmp_path / "m2", make_remote())
+        assert [s.location for s in fresh.list_states()] == ["remote"] * 3
+        assert fresh.latest_state() == tmp_path / "m2" / last.name
+        assert fresh.load_latest_state() == tmp_path / "m2" / last.name
+        assert got.value == 2
+        listing = fresh.list_states()
+        assert [s.location for s in listing] == ["remote", "remote", "both"]
+        assert [s.metadata for s in listing] == [{"i": 0}, {"i": 1}, {"i": 2}]
+        assert sorted(os.listdir(tmp_path / "m2")) == [last.name]
+
+    def test_flipped_byte_falls_back(
+        self,
+        make_remote: Callable[[], Remote],
+        tmp_path: Path,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """A flipped byte in the newest remote state: the one before loads, with a warning."""
+        remote = make_remote()
+        store, value = store_with(tmp_path / "m1", remote, state_name_format="s%f.state")
+        for i in range(2):
+            value.value = f"value {i}"
+            store.save_state()
+        newest = pub.read_remote_states(remote)[0][-1]
+        key = f"{newest.data_prefix()}value"
+        data = bytearray(remote.get(key))
+        data[2] ^= 1
+        remote.delete([key])
+        remote.put_if_absent(key, io.BytesIO(bytes(data)), len(data))
+        fresh, got = store_with(tmp_path / "m2", make_remote())
+        with caplog.at_level(logging.WARNING, "statekeep"):
+            loaded = fresh.load_latest_state()
+        assert got.value == "value 0"
+        assert loaded is not None
+        assert loaded.name != newest.name
+        assert "failed verification" in caplog.text
+        assert "trying an older one" in caplog.text
+
+    def test_name_taken_by_another_machine(
+        self, make_remote: Callable[[], Remote], tmp_path: Path
+    ) -> None:
+        """Two machines saving one name: the second gets StateExistsError, keeps its local."""
+        a, _ = store_with(tmp_path / "a", make_remote(), state_name_format="fixed.state")
+        b, _ = store_with(tmp_path / "b", make_remote(), state_name_format="fixed.state")
+        a.save_state()
+        with pytest.raises(StateExistsError, match=r"already\s+published"):
+            b.save_state()
+        assert (tmp_path / "b" / "fixed.state").is_dir()
+        assert [s.location for s in b.list_states()] == ["both"]
+
+    def test_remote_down_then_next_save(self, tmp_path: Path) -> None:
+        """Publishing fails: StorageError, the state committed; the next save publishes it."""
+        remote = DirectoryRemote(tmp_path / "remote")
+        store, _ = store_with(tmp_path / "m1", remote, state_name_format="s%f.state")
+        real = remote.put_if_absent
+
+        def down(key: str, source: object, size: int) -> None:
+            raise StorageError("injected: the remote is down")
+
+        remote.put_if_absent = down  # type: ignore[method-assign]
+        with pytest.raises(StorageError, match="committed locally"):
+            first = store.save_state()
+        first = store.list_states()[-1].path
+        assert first.is_dir()
+        assert store.list_states()[-1].location == "local"
+        remote.put_if_absent = real  # type: ignore[method-assign]
+        second = store.save_state()
+        listing = store.list_states()
+        assert [(s.path, s.location) for s in listing] == [(first, "both"), (second, "both")]
+        assert listing[0].sequence < listing[1].sequence
+
+
+class TestKeeperWithRemote:
+    """The keeper prunes the remote by the local rules."""
+
+    def test_prunes_remote(self, make_remote: Callable[[], Remote], tmp_path: Path) -> None:
+        """max_keep=2: two states stay locally and remotely; manifests of the rest are gone."""
+        remote = make_remote()
+        store, value = store_with(tmp_path / "m1", remote, state_name_format="s%f.state")
+        saved = []
+        for i in range(5):
+            value.value = i
+            saved.append(store.save_state())
+        keeper = LatestStatesKeeper(tmp_path / "m1", "s*.state", max_keep=2, remote=remote)
+        keeper.cleanup()
+        remote_names = [s.name for s in pub.read_remote_states(remote)[0]]
+        assert remote_names == [p.name for p in saved[-2:]]
+        assert [s.location for s in store.list_states()] == ["both", "both"]
+        kept = {o.key.split("/")[1] for o in remote.list(pub.DATA)}
+        assert kept == set(remote_names)
+
+
+class TestFreshProcess:
+    """Restore on a fresh machine (new dir, new process) gives exactly the last save."""
+
+    @pytest.mark.parametrize("kind", ["directory", "s3"])
+    def test_new_process(
+        self,
+        tmp_path: Path,
+        worker_env: dict[str, str],
+        kind: str,
+        request: pytest.FixtureRequest,
+    ) -> None:
+        remote = str(tmp_path / "remote")
+        extra: dict[str, str] = {}
+        if kind == "s3":
+            remote = f"s3://{request.getfixturevalue('s3_bucket')}/fresh"
+            extra = request.getfixturevalue("s3_server").env()
+        code = (
+            "import json, sys\n"
+            "from statekeep import StateStore\n"
+            "sys.path.insert(0, sys.argv[3])\n"
+            "from test_remote_store import Value\n"
+            "store = StateStore(sys.argv[1], remote=sys.argv[2])\n"
+            "v = Value()\n"
+            "store.register('value', v)\n"
+            "if sys.argv[4] == 'save':\n"
+            "    for i in range(5):\n"
+            "        v.value = {'step': i}\n"
+            "        print(store.save_state().name)\n"
+            "else:\n"
+            "    p = store.load_latest_state()\n"
+            "    print(p.name, json.dumps(v.value))\n"
+        )
+        env = {**worker_env, **extra, "PYTHONPATH": f"{ROOT / 'src'}"}
+        tests = str(ROOT / "tests")
+        saved = subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path / "a"), remote, tests, "save"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+            check=True,
+        ).stdout.split()
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path / "b"), remote, tests, "load"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+            check=True,
+        ).stdout.split(" ", 1)
+        assert out[0] == saved[-1]
+        assert json.loads(out[1]) == {"step": 4}
+
+
+class TestDocs:
+    """The page's code blocks and the example run as shown."""
+
+    def test_example(
+        self,
+        make_remote: Callable[[], Remote],
+        request: pytest.FixtureRequest,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """examples/lose_the_machine.py restores step 3, on a directory and on S3."""
+        sys.path.insert(0, str(ROOT / "examples"))
+        try:
+            import lose_the_machine
+        finally:
+            sys.path.remove(str(ROOT / "examples"))
+        remote = make_remote()
+        url = remote.url if isinstance(remote, S3Remote) else None
+        if url is not None:
+            for k, v in request.getfixturevalue("s3_server").env().items():
+                monkeypatch.setenv(k, v)
+        assert lose_the_machine.main(url) == 3
+
+
+class TestKeeperRemoteDown:
+    """A remote that fails does not stop the keeper's local pass, and is logged."""
+
+    def test_local_pass_still_runs(self, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        remote = DirectoryRemote(tmp_path / "remote")
+        store, value = store_with(tmp_path / "m1", remote, state_name_format="s%f.state")
+        for i in range(3):
+            value.value = i
+            store.save_state()
+
+        def down(prefix: str, *, start_after: str = "") -> Any:
+            raise StorageError("injected: the remote is down")
+
+        remote.list = down  # type: ignore[method-assign]
+        keeper = LatestStatesKeeper(tmp_path / "m1", "s*.state", max_keep=1, remote=remote)
+        with caplog.at_level(logging.ERROR, "statekeep"):
+            assert len(keeper.cleanup()) == 2
+        assert "could not prune" in caplog.text
+        assert "injected" in caplog.text
