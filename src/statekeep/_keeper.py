@@ -57,7 +57,7 @@ class LatestStatesKeeper:
             manifest first, then the files; debris older than an hour is reclaimed.
 
     Raises:
-        ValueError: ``cleanup_interval`` is negative, the pattern holds a ``/``, or both
+        ValueError: ``cleanup_interval`` is negative or NaN, the pattern holds a ``/``, or both
             ``policy`` and an explicit ``max_keep`` are given.
     """
 
@@ -71,7 +71,7 @@ class LatestStatesKeeper:
         policy: RetentionPolicy | None = None,
         remote: str | os.PathLike[str] | Remote | None = None,
     ) -> None:
-        if cleanup_interval < 0:
+        if not cleanup_interval >= 0:  # NaN too: it would make the loop spin
             raise ValueError(f"cleanup_interval must be >= 0, got {cleanup_interval!r}")
         if "/" in state_name_pattern or "\\" in state_name_pattern:
             raise ValueError(
@@ -207,7 +207,9 @@ class LatestStatesKeeper:
                 self.cleanup()
             except Exception:
                 logger.exception("statekeep: cleanup of %s failed; will retry", self.states_dir)
-            self._stop.wait(self.cleanup_interval)
+            # An interval too long for a timed wait (inf, 1e300) means "once": wait
+            # for stop() instead of letting the wait's OverflowError kill the thread.
+            self._stop.wait(min(self.cleanup_interval, threading.TIMEOUT_MAX))
 
     def start(self, background: bool = True) -> None:
         """Start pruning every ``cleanup_interval`` seconds.
