@@ -264,6 +264,18 @@ class TestHugeNumbersInTheDirectory:
         assert os.listdir(states_dir) == [top.name]  # nothing unloadable was committed
 
 
+@needs_xattr
+def test_an_attribute_out_of_range_is_not_believed(states_dir: Path) -> None:
+    """An attribute holding a number no manifest can carry (another tool wrote it) is
+    treated as missing: the count starts again above the manifests, and saves go on."""
+    s, _ = store(states_dir)
+    s.save_state()
+    os.setxattr(states_dir, _sequence.XATTR, b"9999999999999999999")
+    later = s.save_state()
+    assert verify_state(later).sequence == 2
+    assert os.getxattr(states_dir, _sequence.XATTR) == b"2"
+
+
 class TestStatesDirReplaced:
     """A states folder moved away and recreated while a store holds it open.
 

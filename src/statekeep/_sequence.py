@@ -65,7 +65,12 @@ def _get(fd: int) -> int | None:
             raise _NoXattr from exc
         raise
     text = raw.strip()
-    return int(text) if text.isdigit() and len(text) <= _MAX_DIGITS else None
+    if not text.isdigit() or len(text) > _MAX_DIGITS:
+        return None
+    value = int(text)
+    # Above what a manifest can hold, it is not a number statekeep wrote: start again
+    # above the manifests, as for a missing attribute.
+    return value if value <= _MAX_SEQUENCE else None
 
 
 def _set(fd: int, value: int) -> None:
