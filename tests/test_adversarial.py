@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 
 from statekeep import (
+    KeepBest,
+    KeepLatest,
     LatestStatesKeeper,
     PersistentStateMixin,
     StateStore,
@@ -560,6 +562,21 @@ class TestReadOnlyFilesystem:
         assert "read-only filesystem" in caplog.text
         assert len(os.listdir(source / "states")) == 2
         del s, reader, blob
+
+
+def test_a_huge_metric_does_not_stop_pruning(states_dir: Path) -> None:
+    """Metadata may hold any JSON integer; one beyond a float's range ranks as infinite
+    instead of making every keeper pass raise OverflowError (so nothing was ever pruned
+    again)."""
+    s, _ = store(states_dir)
+    huge = s.save_state(metadata={"loss": 10**400})
+    tiny = s.save_state(metadata={"loss": -(10**400)})
+    middle = [s.save_state(metadata={"loss": x}) for x in (0.5, 0.4, 0.3)]
+    keeper = LatestStatesKeeper(states_dir, policy=KeepBest("loss", 2) | KeepLatest(1))
+    assert keeper.cleanup() == [huge, middle[0], middle[1]]
+    assert {i.path for i in s.list_states()} == {tiny, middle[2]}
+    worst = LatestStatesKeeper(states_dir, policy=KeepBest("loss", 1, mode="max"))
+    assert worst.plan() == [tiny]
 
 
 class TestKeeperIntervals:

@@ -11,6 +11,7 @@ among themselves, all of them below every state that has one.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -187,7 +188,11 @@ class KeepBest(_Combinable):
             value = s.metadata.get(self.metric)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
                 continue
-            scored.append((sign * float(value), age, s.path))
+            try:
+                number = float(value)
+            except OverflowError:  # an int beyond a float (metadata may hold any JSON int)
+                number = math.inf if value > 0 else -math.inf
+            scored.append((sign * number, age, s.path))
         scored.sort(key=lambda t: (t[0], t[1]))
         return {path for _, _, path in scored[: self.n]}
 
