@@ -18,7 +18,8 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
 from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from statekeep import (
     KeepLatest,
     LatestStatesKeeper,
     PersistentStateMixin,
+    StateInfo,
     StateStore,
     _atomic,
     _checksum,
@@ -577,6 +579,23 @@ def test_a_huge_metric_does_not_stop_pruning(states_dir: Path) -> None:
     assert {i.path for i in s.list_states()} == {tiny, middle[2]}
     worst = LatestStatesKeeper(states_dir, policy=KeepBest("loss", 1, mode="max"))
     assert worst.plan() == [tiny]
+
+
+class _KeepAsStrings:
+    """A user's policy that answers a list of str paths rather than a set of Paths."""
+
+    def keep(self, states: Sequence[StateInfo], now: datetime) -> list[str]:
+        return [str(s.path) for s in states[-2:]]
+
+
+def test_a_policy_answering_str_paths_keeps_them(states_dir: Path) -> None:
+    """Before: the kept states were compared as Paths, so every state a policy named as
+    str was removed (all but the newest)."""
+    s, _ = store(states_dir)
+    paths = [s.save_state() for _ in range(4)]
+    keeper = LatestStatesKeeper(states_dir, policy=_KeepAsStrings())  # type: ignore[arg-type]
+    assert keeper.cleanup() == paths[:2]
+    assert sorted(os.listdir(states_dir)) == sorted(p.name for p in paths[2:])
 
 
 class TestKeeperIntervals:

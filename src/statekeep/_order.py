@@ -248,7 +248,9 @@ def plan_removals(
     keep = {s.path for s in states[newest_good:]}
     candidates = list(states)
     while True:
-        chosen = policy.keep(candidates, now)
+        # A policy of the user's may answer a list, or paths as str: a kept state must
+        # never be missed for its spelling (it would be removed).
+        chosen = {Path(p) for p in policy.keep(candidates, now)}
         bad = {s.path for s in candidates if s.path in chosen and not is_good(s)}
         keep |= chosen
         if not bad:
