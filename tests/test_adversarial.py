@@ -596,6 +596,9 @@ def test_a_policy_answering_str_paths_keeps_them(states_dir: Path) -> None:
     keeper = LatestStatesKeeper(states_dir, policy=_KeepAsStrings())  # type: ignore[arg-type]
     assert keeper.cleanup() == paths[:2]
     assert sorted(os.listdir(states_dir)) == sorted(p.name for p in paths[2:])
+    paths += [s.save_state(), s.save_state()]
+    combined = KeepLatest(1) | _KeepAsStrings()  # type: ignore[operator]
+    assert LatestStatesKeeper(states_dir, policy=combined).cleanup() == paths[2:4]
 
 
 class TestKeeperIntervals:

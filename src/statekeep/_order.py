@@ -215,7 +215,7 @@ class KeepAny(_Combinable):
         """The union of what each policy keeps."""
         kept: set[Path] = set()
         for p in self.policies:
-            kept |= p.keep(states, now)
+            kept.update(Path(x) for x in p.keep(states, now))  # a list, or str paths, too
         return kept
 
 
