@@ -128,6 +128,10 @@ class S3Server:
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
             f"-s3.config={self.config}",
+            # Every bucket is a collection with volumes of its own: small volumes and a high
+            # cap, or a session that makes a bucket per test runs out after ~70 buckets.
+            "-master.volumeSizeLimitMB=64",
+            "-volume.max=4000",
         ]
 
     def start(self) -> None:
