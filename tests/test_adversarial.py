@@ -601,6 +601,30 @@ def test_a_policy_answering_str_paths_keeps_them(states_dir: Path) -> None:
     assert LatestStatesKeeper(states_dir, policy=combined).cleanup() == paths[2:4]
 
 
+def test_an_empty_path_reads_nothing_outside(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``verify_state("")`` and ``load_state("")`` used to open
+    ``/.statekeep-manifest.json``: "" joined to the manifest's name is a path in the
+    filesystem's root. They now refuse before opening anything."""
+    opened: list[str] = []
+    real_open = os.open
+
+    def recording(path: object, *args: object, **kw: object) -> int:
+        opened.append(os.fsdecode(path))  # type: ignore[arg-type]
+        return real_open(path, *args, **kw)  # type: ignore[arg-type]
+
+    s, _ = store(Path(tempfile.mkdtemp(prefix="statekeep-adv-")))
+    try:
+        monkeypatch.setattr(os, "open", recording)
+        with pytest.raises(FileNotFoundError, match="empty path"):
+            verify_state("")
+        with pytest.raises(FileNotFoundError, match="empty path"):
+            s.load_state("")
+        assert opened == []
+    finally:
+        monkeypatch.undo()
+        shutil.rmtree(s.states_dir)
+
+
 class TestKeeperIntervals:
     """An interval too long for a timed wait (``inf``, ``1e300``) means one pass, then
     waiting for ``stop()``; NaN is refused. Before: the background thread died of an
