@@ -70,6 +70,18 @@ class NewestFirst(MemoryCheckpointStorage):
         return super().list_checkpoints()[::-1]
 
 
+class PairsTwoSaves(MemoryCheckpointStorage):
+    """Reads data and info with two calls, as RecoverableState once did."""
+
+    def load_with_info(self, session_id):
+        data = self.load(session_id)
+        if data is None:
+            return None
+        key = str(session_id)
+        (info,) = [i for i in self.list_checkpoints() if i.session_id == key]
+        return data, info
+
+
 class TestSharesDicts(CheckpointStorageContract):
     @pytest.fixture
     def make_storage(self):
@@ -98,6 +110,12 @@ class TestForgetful(PersistentCheckpointStorageContract):
     @pytest.fixture
     def make_storage(self):
         return MemoryCheckpointStorage
+
+
+class TestPairsTwoSaves(CheckpointStorageContract):
+    @pytest.fixture
+    def make_storage(self):
+        return PairsTwoSaves
 
 
 class TestNoFixture(CheckpointStorageContract):
@@ -172,6 +190,16 @@ class TestTheSuiteCatchesBrokenBackends:
             "TestForgetful::test_two_open_instances_see_each_other",
             "TestForgetful::test_writers_in_several_processes_end_with_one_whole_value",
         }
+
+    def test_data_and_info_from_two_reads_are_caught(self, output: str) -> None:
+        failed = {name for name in failed_tests(output) if name.startswith("TestPairsTwoSaves")}
+        races = {
+            "TestPairsTwoSaves::test_load_with_info_never_pairs_two_saves",
+            "TestPairsTwoSaves::"
+            "test_recoverable_state_never_pairs_one_saves_data_with_anothers_schema_version",
+        }
+        assert failed, "a load_with_info made of two reads passed the suite"
+        assert failed <= races
 
     def test_a_missing_fixture_is_reported(self, output: str) -> None:
         erred = {name for name in erred_tests(output) if name.startswith("TestNoFixture")}

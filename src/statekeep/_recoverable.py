@@ -74,9 +74,14 @@ class RecoverableState(Generic[TModel]):
 
     The persisted record is the model's own JSON dump (``{"root": dump}`` for a
     ``RootModel`` whose dump is not an object), with the schema version in the
-    checkpoint's metadata. The autosave thread holds the state weakly: a state dropped
-    without :meth:`teardown` is collected and its thread stops. In a child made by
-    ``fork()`` the state's calls work, but it neither autosaves nor runs exit hooks.
+    checkpoint's metadata. :meth:`initialize` reads both with the storage's
+    ``load_with_info`` (one read of one save) when it has one, as every built-in storage
+    does; a storage with only the five protocol methods is read with ``load`` and then
+    ``list_checkpoints`` (a listing of every checkpoint, and a save in between could
+    pair one save's data with another's schema version). The autosave thread holds the
+    state weakly: a state dropped without :meth:`teardown` is collected and its thread
+    stops. In a child made by ``fork()`` the state's calls work, but it neither autosaves
+    nor runs exit hooks.
 
     Raises:
         TypeError: ``default_state`` is not a pydantic model, or ``storage`` does not
@@ -209,10 +214,10 @@ class RecoverableState(Generic[TModel]):
             return self._state
 
     def _load(self, storage: CheckpointStorage) -> TModel:
-        record = storage.load(self._key)
-        if record is None:
+        found = self._read(storage)
+        if found is None:
             return self._default.model_copy(deep=True)
-        metadata = self._metadata(storage)
+        record, metadata = found
         try:
             return decode_state(
                 self._key, record, metadata, self._model, self._schema_version, self._migrations
@@ -225,8 +230,27 @@ class RecoverableState(Generic[TModel]):
             self._log.warning("%s; on_invalid='reset': starting from the default state", exc)
             return self._default.model_copy(deep=True)
 
+    def _read(
+        self, storage: CheckpointStorage
+    ) -> tuple[Mapping[str, Any], Mapping[str, Any] | None] | None:
+        """This key's data and metadata (where the schema version is kept), or None.
+
+        A storage with ``load_with_info`` (every built-in one) gives both from one read
+        of one save. Any other lists its checkpoints after loading: two reads, so a save
+        in between could pair one save's data with another's schema version.
+        """
+        load_with_info = getattr(storage, "load_with_info", None)
+        if callable(load_with_info):
+            found = load_with_info(self._key)
+            if found is None:
+                return None
+            data, info = found
+            return data, info.metadata
+        record = storage.load(self._key)
+        return None if record is None else (record, self._metadata(storage))
+
     def _metadata(self, storage: CheckpointStorage) -> Mapping[str, Any] | None:
-        """The metadata of this key's checkpoint (where the schema version is kept)."""
+        """The metadata of this key's checkpoint, found by listing every checkpoint."""
         for info in storage.list_checkpoints():
             if info.session_id == self._key:
                 return info.metadata

@@ -38,12 +38,13 @@ from __future__ import annotations
 import multiprocessing
 import os
 import threading
+import time
 import warnings
 import zlib
 from collections.abc import Callable, Iterator
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 import pydantic
@@ -355,6 +356,12 @@ class CheckpointStorageContract:
         (info,) = storage.list_checkpoints()
         assert info.session_id == str(sid)
         assert type(info.session_id) is str
+        read = getattr(storage, "load_with_info", None)
+        if callable(read):
+            found = read(sid)
+            assert found is not None
+            assert found[0] == {"via": "str"}
+            assert found[1].session_id == str(sid)
         assert storage.delete(str(sid)) is True
         assert storage.exists(sid) is False
 
@@ -555,6 +562,175 @@ class CheckpointStorageContract:
         with pytest.raises(TypeError, match="timedelta"):
             prune(3600)
 
+    # -- data and info from one read ---------------------------------------------------
+
+    def test_load_with_info_gives_data_and_info_of_one_save(
+        self, storage: CheckpointStorage
+    ) -> None:
+        """load_with_info returns the data and the listed info of the newest save."""
+        read = _load_with_info(storage)
+        storage.save("s1", {"v": 1}, metadata={"v": 1})
+        storage.save("other", {"x": 0}, metadata={"other": True})
+        for round_ in (2, 3):
+            storage.save("s1", {"v": round_, "pad": "p" * round_}, metadata={"v": round_})
+            found = read("s1")
+            assert found is not None
+            data, info = found
+            assert data == {"v": round_, "pad": "p" * round_}
+            assert type(data) is dict
+            (listed,) = [i for i in storage.list_checkpoints() if i.session_id == "s1"]
+            assert info == listed, "load_with_info's info differs from the listing's"
+            assert info.session_id == "s1"
+            assert dict(info.metadata) == {"v": round_}
+            assert info.timestamp.tzinfo is not None
+        data["v"] = "changed"
+        if isinstance(info.metadata, dict):  # a read-only mapping is fine too
+            info.metadata["v"] = "changed"
+        found = read("s1")
+        assert found is not None
+        assert found[0] == {"v": 3, "pad": "ppp"}, "mutating the loaded data changed the store"
+        assert dict(found[1].metadata) == {"v": 3}, "mutating the info changed the store"
+
+    def test_load_with_info_of_an_absent_session_is_none(self, storage: CheckpointStorage) -> None:
+        """load_with_info is None for a session never saved, and after its deletion."""
+        read = _load_with_info(storage)
+        assert read("nobody") is None
+        storage.save("s1", {"x": 1}, metadata={"m": 1})
+        found = read("s1")
+        assert found is not None
+        assert found[0] == {"x": 1}
+        storage.delete("s1")
+        assert read("s1") is None
+        with pytest.raises(ValueError, match="session_id"):
+            read("")
+        with pytest.raises(TypeError, match="session_id"):
+            read(42)
+
+    def test_load_with_info_of_a_damaged_checkpoint_raises(
+        self, storage: CheckpointStorage, damage: Damage | None
+    ) -> None:
+        """A damaged checkpoint raises CorruptCheckpointError from load_with_info too."""
+        read = _load_with_info(storage)
+        if damage is None:
+            damage = _blob_damage(storage)
+        storage.save("victim", {"x": 1, "text": "some words to damage"}, metadata={"m": 1})
+        storage.save("bystander", {"y": 2}, metadata={"m": 2})
+        damage(storage, "victim")
+        with pytest.raises(CorruptCheckpointError, match="victim"):
+            read("victim")
+        found = read("bystander")
+        assert found is not None
+        assert found[0] == {"y": 2}
+        assert dict(found[1].metadata) == {"m": 2}
+
+    def test_load_with_info_never_pairs_two_saves(self, storage: CheckpointStorage) -> None:
+        """While a thread saves pairs with matching data and metadata, reads never mix them."""
+        read = _load_with_info(storage)
+        for n in range(20):  # others: a listing of them takes a while
+            storage.save(f"other-{n}", {"n": n}, metadata={"n": -1})
+        storage.save("raced", {"n": 0, "pad": ""}, metadata={"n": 0})
+
+        def check() -> None:
+            found = read("raced")
+            assert found is not None, "a checkpoint being replaced read as absent"
+            data, info = found
+            assert data["n"] == info.metadata["n"], f"data {data} paired with {info}"
+            assert data["pad"] == "p" * (data["n"] % 5)
+
+        def save(n: int) -> None:
+            storage.save("raced", {"n": n, "pad": "p" * (n % 5)}, metadata={"n": n})
+
+        _race(save, check, readers=2, reads=150)
+
+    def test_recoverable_state_initialize_does_not_list(self, storage: CheckpointStorage) -> None:
+        """RecoverableState.initialize reads value and schema version without a listing."""
+        _load_with_info(storage)
+        from statekeep._recoverable import RecoverableState
+
+        for n in range(5):
+            storage.save(f"other-{n}", {"n": n})
+        old = RecoverableState(
+            default_state=_V1(n=7),
+            persist_state_key="state",
+            persistence_enabled=True,
+            storage=storage,
+        )
+        with old:
+            pass  # persists the default at schema version 1
+        spy = _CountingStorage(storage)
+        new = RecoverableState(
+            default_state=_V2(written_as=2),
+            persist_state_key="state",
+            persistence_enabled=True,
+            storage=spy,
+            schema_version=2,
+            migrations={1: _mark_migrated},
+        )
+        value = new.initialize()
+        try:
+            assert (value.written_as, value.migrated, value.n) == (1, True, 7)
+            assert spy.calls["list_checkpoints"] == 0, "initialize() listed every checkpoint"
+            assert spy.calls["load_with_info"] == 1
+        finally:
+            new.teardown()
+        found = storage.load("state")
+        assert found == {"written_as": 1, "migrated": True, "n": 7}
+
+    def test_recoverable_state_never_pairs_one_saves_data_with_anothers_schema_version(
+        self, storage: CheckpointStorage
+    ) -> None:
+        """A RecoverableState initializing while its key is saved at two schema versions
+        migrates exactly the version-1 saves (never one save's data with another's version).
+        """
+        _load_with_info(storage)
+        from statekeep._recoverable import RecoverableState
+
+        for n in range(20):  # others: a listing of them takes a while
+            storage.save(f"other-{n}", {"n": n})
+        writers = [
+            RecoverableState(
+                default_state=model,
+                persist_state_key="raced",
+                persistence_enabled=True,
+                storage=storage,
+                schema_version=version,
+                migrations={1: _mark_migrated} if version == 2 else None,
+            )
+            for version, model in ((1, _V1()), (2, _V2(written_as=2)))
+        ]
+        for writer in writers:  # both start from their defaults: nothing is persisted yet
+            assert writer.initialize().written_as == (1 if writer is writers[0] else 2)
+        for writer in writers:
+            writer.persist_state()
+
+        def save(n: int) -> None:
+            writer = writers[n % 2]
+            with writer.update() as value:
+                value.n = n
+            writer.persist_state()
+
+        def check() -> None:
+            reader = RecoverableState(
+                default_state=_V2(written_as=0),
+                persist_state_key="raced",
+                persistence_enabled=True,
+                storage=storage,
+                schema_version=2,
+                migrations={1: _mark_migrated},
+            )
+            value = reader.initialize()
+            # no teardown: it would persist what was read; a reader only reads
+            assert value.written_as in (1, 2), f"read the default: {value}"
+            assert value.migrated == (value.written_as == 1), (
+                f"one save's data was read with another save's schema version: {value}"
+            )
+
+        try:
+            _race(save, check, readers=2, reads=100)
+        finally:
+            for writer in writers:
+                writer.teardown()
+
     # -- lifecycle -----------------------------------------------------------------
 
     def test_context_manager_and_idempotent_close(self, make_storage: StorageFactory) -> None:
@@ -656,6 +832,127 @@ class PersistentCheckpointStorageContract(CheckpointStorageContract):
             assert [info.session_id for info in check.list_checkpoints()] == ["shared"]
         finally:
             _close(check)
+
+
+class _V1(pydantic.BaseModel):
+    """A state at schema version 1."""
+
+    written_as: int = 1
+    n: int = 0
+
+
+class _V2(pydantic.BaseModel):
+    """The same state at schema version 2: ``migrated`` is True only after migration."""
+
+    written_as: int
+    migrated: bool = False
+    n: int = 0
+
+
+def _mark_migrated(state: dict[str, Any]) -> dict[str, Any]:
+    return {**state, "migrated": True}
+
+
+def _load_with_info(storage: CheckpointStorage) -> Callable[..., Any]:
+    read = getattr(storage, "load_with_info", None)
+    if not callable(read):
+        pytest.skip(
+            f"{type(storage).__name__} has no load_with_info (optional: without it "
+            "RecoverableState finds the schema version with a listing)"
+        )
+    return cast("Callable[..., Any]", read)
+
+
+class _CountingStorage:
+    """Forwards every call to a storage and counts them by method name."""
+
+    def __init__(self, inner: CheckpointStorage) -> None:
+        self.inner = inner
+        self.calls: dict[str, int] = dict.fromkeys(
+            ("save", "load", "load_with_info", "exists", "delete", "list_checkpoints"), 0
+        )
+
+    def _count(self, name: str) -> Any:
+        self.calls[name] += 1
+        return getattr(self.inner, name)
+
+    def save(self, session_id: str | UUID, data: Any, *, metadata: Any = None) -> bool:
+        return bool(self._count("save")(session_id, data, metadata=metadata))
+
+    def load(self, session_id: str | UUID) -> dict[str, Any] | None:
+        result: dict[str, Any] | None = self._count("load")(session_id)
+        return result
+
+    def load_with_info(self, session_id: str | UUID) -> Any:
+        return self._count("load_with_info")(session_id)
+
+    def exists(self, session_id: str | UUID) -> bool:
+        return bool(self._count("exists")(session_id))
+
+    def delete(self, session_id: str | UUID) -> bool:
+        return bool(self._count("delete")(session_id))
+
+    def list_checkpoints(self) -> list[Any]:
+        return list(self._count("list_checkpoints")())
+
+
+def _race(
+    save: Callable[[int], None],
+    check: Callable[[], None],
+    *,
+    readers: int,
+    reads: int,
+    saves: int = 20,
+) -> None:
+    """Run ``save(1), save(2), ...`` in one thread while ``readers`` threads ``check()``
+    until each checked ``reads`` times and ``saves`` saves happened (at most 60 s).
+
+    Re-raises the first failure of any thread.
+    """
+    done = threading.Event()
+    errors: list[BaseException] = []
+    saved = [0]
+
+    def write() -> None:
+        try:
+            while not done.is_set():
+                save(saved[0] + 1)
+                saved[0] += 1
+        except BaseException as exc:  # reported below, in the test's thread
+            errors.append(exc)
+            done.set()
+
+    def read() -> None:
+        try:
+            deadline = time.monotonic() + 60
+            count = 0
+            while not done.is_set() and time.monotonic() < deadline:
+                check()
+                count += 1
+                if count >= reads and saved[0] >= saves:
+                    break
+        except BaseException as exc:
+            errors.append(exc)
+            done.set()
+
+    writer = threading.Thread(target=write, name="statekeep-testing-writer")
+    threads = [
+        threading.Thread(target=read, name=f"statekeep-testing-reader-{r}") for r in range(readers)
+    ]
+    writer.start()
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+    finally:
+        done.set()
+        writer.join(timeout=120)
+    assert not writer.is_alive(), "the writer hung"
+    assert not any(t.is_alive() for t in threads), "a reader hung"
+    if errors:
+        raise errors[0]
+    assert saved[0] >= saves, f"only {saved[0]} saves happened during the reads"
 
 
 def _open_or_error(make: StorageFactory) -> CheckpointStorage | StorageError:

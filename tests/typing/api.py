@@ -183,6 +183,12 @@ def storages(tmp: Path) -> None:
 
     with MemoryCheckpointStorage() as memory:
         memory.purge()
+        found = memory.load_with_info(session)
+        assert_type(found, tuple[dict[str, Any], CheckpointInfo] | None)
+        if found is not None:
+            data, info = found
+            assert_type(data, dict[str, Any])
+            assert_type(info.metadata, Mapping[str, Any])
     with FileCheckpointStorage(str(tmp)) as files:
         files.close()
     with SQLiteCheckpointStorage(str(tmp / "db.sqlite")) as db:

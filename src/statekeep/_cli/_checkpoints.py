@@ -181,29 +181,28 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     with _storage(args.url) as storage:
         try:
-            data = storage.load(args.session)
+            found = storage.load_with_info(args.session)  # data and info of one save
         except CorruptCheckpointError as exc:
             print(f"statekeep: damaged: {exc}", file=sys.stderr)
             return DAMAGED
         except ValueError as exc:  # a session id the storage refuses
             fail(f"{args.session!r}: {exc}")
-        if data is None:
+        if found is None:
             print(
                 f"statekeep: {args.url}: no checkpoint for session {args.session!r}",
                 file=sys.stderr,
             )
             return DAMAGED
-        info = next((i for i in storage.list_checkpoints() if i.session_id == args.session), None)
-    head = {} if info is None else _info_json(info)
+    data, info = found
+    head = _info_json(info)
     if args.json:
         emit_json({**head, "session_id": args.session, "data": data})
         return OK
     print(f"session   {args.session}")
-    if info is not None:
-        print(f"saved     {local_time(info.timestamp)}")
-        print(f"size      {human_size(info.size_bytes)}")
-        if info.metadata:
-            print(f"metadata  {compact(info.metadata)}")
+    print(f"saved     {local_time(info.timestamp)}")
+    print(f"size      {human_size(info.size_bytes)}")
+    if info.metadata:
+        print(f"metadata  {compact(info.metadata)}")
     print("data:")
     emit_json(data)
     return OK

@@ -106,7 +106,10 @@ class BaseCheckpointStorage:
     listings are sorted, retention (:meth:`delete_older_than`) works, and a closed
     storage raises ValueError. Raw methods may raise ``CorruptCheckpointError``
     themselves. A backend with columns of its own (SQL) overrides the record methods
-    ``_put``, ``_get``, ``_has``, ``_drop``, ``_infos`` instead.
+    ``_put``, ``_get``, ``_get_with_info``, ``_has``, ``_drop``, ``_infos`` instead
+    (``_get_with_info(key) -> (payload, CheckpointInfo) | None`` reads both in one
+    query; left out, :meth:`load_with_info` falls back to ``_get`` and a listing,
+    two reads that a concurrent save can fall between).
     """
 
     _errors: tuple[type[BaseException], ...] = (OSError,)
@@ -147,6 +150,37 @@ class BaseCheckpointStorage:
             try:
                 payload = self._get(key)
                 return None if payload is None else _decode_payload(payload)
+            except _envelope.Damaged as exc:
+                raise CorruptCheckpointError(
+                    f"checkpoint of session {key!r} at {self._where(key)} is corrupt: {exc}"
+                ) from None
+
+    def load_with_info(
+        self, session_id: str | UUID
+    ) -> tuple[dict[str, Any], CheckpointInfo] | None:
+        """The session's data and its :class:`CheckpointInfo`, from one read of one save.
+
+        Data, metadata, time and size always belong to the same :meth:`save`, even while
+        other threads or machines save the session again; a :meth:`load` followed by a
+        :meth:`list_checkpoints` could pair one save's data with another's metadata.
+        The info is what :meth:`list_checkpoints` reports for the session. Not part of
+        the :class:`CheckpointStorage` protocol: a backend of your own may leave it out.
+
+        Returns:
+            ``(data, info)``, or None when the session has no checkpoint.
+
+        Raises:
+            CorruptCheckpointError: the checkpoint exists but is not whole.
+            StorageError: the backend failed.
+        """
+        key = self._key(session_id)
+        with self._guard("load", key):
+            try:
+                found = self._get_with_info(key)
+                if found is None:
+                    return None
+                payload, info = found
+                return _decode_payload(payload), info
             except _envelope.Damaged as exc:
                 raise CorruptCheckpointError(
                     f"checkpoint of session {key!r} at {self._where(key)} is corrupt: {exc}"
@@ -255,6 +289,25 @@ class BaseCheckpointStorage:
     def _get(self, key: str) -> bytes | None:
         blob = self._read(self._name(key))
         return None if blob is None else _envelope.unpack(key, blob)
+
+    def _get_with_info(self, key: str) -> tuple[bytes, CheckpointInfo] | None:
+        if type(self)._get is not BaseCheckpointStorage._get:
+            return self._get_then_list(key)  # a record backend written before this method
+        blob = self._read(self._name(key))
+        if blob is None:
+            return None
+        header, payload = _envelope.unpack_with_header(key, blob)
+        return payload, CheckpointInfo(key, header.timestamp, header.size, header.metadata)
+
+    def _get_then_list(self, key: str) -> tuple[bytes, CheckpointInfo] | None:
+        """Two reads, for a backend that overrides ``_get`` but not ``_get_with_info``."""
+        payload = self._get(key)
+        if payload is None:
+            return None
+        for info in self._infos():
+            if info.session_id == key:
+                return payload, info
+        raise _envelope.Damaged("its time and metadata cannot be read")
 
     def _has(self, key: str) -> bool:
         return self._read_head(self._name(key)) is not None

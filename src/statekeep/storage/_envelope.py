@@ -15,7 +15,16 @@ from typing import Any
 
 from statekeep.storage._codec import decode
 
-__all__ = ["FORMAT", "VERSION", "Damaged", "Header", "pack", "parse_header", "unpack"]
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "Damaged",
+    "Header",
+    "pack",
+    "parse_header",
+    "unpack",
+    "unpack_with_header",
+]
 
 FORMAT = "statekeep-checkpoint"
 VERSION = 1
@@ -96,6 +105,15 @@ def unpack(key: str, raw: bytes) -> bytes:
     Raises:
         Damaged: the blob is not whole, or belongs to another session.
     """
+    return unpack_with_header(key, raw)[1]
+
+
+def unpack_with_header(key: str, raw: bytes) -> tuple[Header, bytes]:
+    """The header and payload of blob ``raw`` of session ``key``, the payload checked.
+
+    Raises:
+        Damaged: the blob is not whole, or belongs to another session.
+    """
     header = parse_header(raw)
     if header.session_id != key:
         raise Damaged(f"it holds session {header.session_id!r}")
@@ -105,4 +123,4 @@ def unpack(key: str, raw: bytes) -> bytes:
     payload = raw[header.length : -1]
     if zlib.crc32(payload) != header.crc32:
         raise Damaged("the payload checksum does not match")
-    return payload
+    return header, payload

@@ -98,6 +98,9 @@ class PostgresCheckpointStorage(BaseCheckpointStorage):
                 "metadata = EXCLUDED.metadata, data = EXCLUDED.data"
             ),
             "get": sql.SQL("SELECT size_bytes, crc32, data FROM {t} WHERE session_id = %s"),
+            "get_info": sql.SQL(
+                "SELECT saved_at, size_bytes, crc32, metadata, data FROM {t} WHERE session_id = %s"
+            ),
             "has": sql.SQL("SELECT 1 FROM {t} WHERE session_id = %s"),
             "drop": sql.SQL("DELETE FROM {t} WHERE session_id = %s"),
             "list": sql.SQL("SELECT session_id, saved_at, size_bytes, metadata FROM {t}"),
@@ -205,6 +208,21 @@ class PostgresCheckpointStorage(BaseCheckpointStorage):
         if len(payload) != size or zlib.crc32(payload) != crc:
             raise Damaged("the data does not match its size and checksum")
         return payload
+
+    def _get_with_info(self, key: str) -> tuple[bytes, CheckpointInfo] | None:
+        with self._connection() as conn:  # one SELECT: data and info of one save
+            row = conn.execute(self._q["get_info"], (key,)).fetchone()
+        if row is None:
+            return None
+        stamp, size, crc, meta, data = row
+        payload = bytes(data)
+        if len(payload) != size or zlib.crc32(payload) != crc:
+            raise Damaged("the data does not match its size and checksum")
+        try:
+            info = CheckpointInfo(key, stamp.astimezone(timezone.utc), size, decode(meta))
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise Damaged(f"its time or metadata cannot be read: {exc}") from None
+        return payload, info
 
     def _has(self, key: str) -> bool:
         with self._connection() as conn:

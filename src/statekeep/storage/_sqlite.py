@@ -179,6 +179,25 @@ class SQLiteCheckpointStorage(BaseCheckpointStorage):
             raise Damaged("the data does not match its size and checksum")
         return payload
 
+    def _get_with_info(self, key: str) -> tuple[bytes, CheckpointInfo] | None:
+        with self._connection() as conn:  # one SELECT: data and info of one save
+            row = conn.execute(
+                "SELECT timestamp, size_bytes, crc32, metadata, data FROM checkpoints "
+                "WHERE session_id = ?",
+                (key,),
+            ).fetchone()
+        if row is None:
+            return None
+        stamp, size, crc, meta, text = row
+        payload = text.encode() if isinstance(text, str) else bytes(text)
+        if len(payload) != size or zlib.crc32(payload) != crc:
+            raise Damaged("the data does not match its size and checksum")
+        try:
+            info = CheckpointInfo(key, _parse_time(stamp), size, decode(meta))
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise Damaged(f"its time or metadata cannot be read: {exc}") from None
+        return payload, info
+
     def _has(self, key: str) -> bool:
         with self._connection() as conn:
             query = "SELECT 1 FROM checkpoints WHERE session_id = ?"
