@@ -26,7 +26,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "src"), str(HERE.parent / "tests")]
 
 from _harness import Case, timed  # noqa: E402
 
-from statekeep import _commit, _publish  # noqa: E402
+from statekeep import _commit, _publish, _remote_states, _restore  # noqa: E402
 from statekeep.remote import S3Remote  # noqa: E402
 
 SMALL = [("model", 1024), ("optimizer", 1024), ("buffer", 1024)]
@@ -89,7 +89,7 @@ def _pair(
     state = make_state(tmp / f"rsnap-{tag}", "s.state", files)
     nbytes = sum(size for _, size in files)
     current = [state]
-    published: list[_publish.RemoteState] = []
+    published: list[_remote_states.RemoteState] = []
     uploads = [0]
 
     def publish() -> None:
@@ -108,7 +108,7 @@ def _pair(
         target = tmp / f"restore-{tag}"
         shutil.rmtree(target, ignore_errors=True)
         target.mkdir()
-        _publish.restore_state(remote, published[-1], target, durable=False)
+        _restore.restore_state(remote, published[-1], target, durable=False)
 
     def inline_restore() -> None:
         target = tmp / f"inline-restore-{tag}"

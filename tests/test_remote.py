@@ -8,7 +8,7 @@ import threading
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -291,6 +291,38 @@ class TestPublicFace:
         changelog = CHANGELOG.read_text(encoding="utf-8")
         for name in ("Remote", "S3Remote", "DirectoryRemote", "open_remote"):
             assert f"`{name}" in changelog or f"{name}(" in changelog, name
+
+
+class TestLayers:
+    """The remote-snapshot modules import downwards only (each one job, no cycles)."""
+
+    ALLOWED: ClassVar[dict[str, set[str]]] = {  # module -> remote-snapshot modules it imports
+        "_remote_states": set(),
+        "_restore": {"_remote_states"},
+        "_remote_seq": {"_remote_states"},
+        "_remote_prune": {"_remote_states"},
+        "_publish": {"_remote_states", "_restore", "_remote_seq"},
+        "_store": {"_publish"},
+        "_keeper": {"_remote_prune"},
+    }
+
+    def test_arrows_point_down(self) -> None:
+        import ast
+
+        src = Path(__file__).parents[1] / "src" / "statekeep"
+        for module, allowed in self.ALLOWED.items():
+            tree = ast.parse((src / f"{module}.py").read_text(encoding="utf-8"))
+            used: set[str] = set()
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    if node.module == "statekeep":
+                        used.update(a.name for a in node.names)
+                    elif node.module.startswith("statekeep."):
+                        used.add(node.module.split(".")[1])
+            assert used & set(self.ALLOWED) <= allowed, (module, used & set(self.ALLOWED))
+            assert "errors" in used or "_scan" in used, (module, used)  # the walk sees imports
+            lines = (src / f"{module}.py").read_text(encoding="utf-8").count("\n")
+            assert lines < 400 or module in ("_store", "_keeper"), (module, lines)
 
 
 class TestFork:

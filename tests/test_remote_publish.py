@@ -12,8 +12,18 @@ from pathlib import Path
 import pytest
 
 from conftest import commit
-from statekeep import CorruptStateError, StateExistsError, StorageError, _atomic, _manifest
-from statekeep import _publish as pub
+from statekeep import (
+    CorruptStateError,
+    StateExistsError,
+    StorageError,
+    _atomic,
+    _manifest,
+    _publish,
+    _remote_prune,
+    _remote_seq,
+    _remote_states,
+    _restore,
+)
 from statekeep._manifest import Entry, Manifest
 from statekeep.remote import DirectoryRemote, Remote, S3Remote
 
@@ -53,14 +63,14 @@ class TestPublishRestore:
     def test_round_trip(self, remote: Remote, tmp_path: Path) -> None:
         """Files, nested and empty ones, and the manifest itself are restored exactly."""
         state = commit(tmp_path / "a", FILES, "s1.state")
-        rs = pub.publish_state(remote, state)
-        (found,), bad = pub.read_remote_states(remote)
+        rs = _publish.publish_state(remote, state)
+        (found,), bad = _remote_states.read_remote_states(remote)
         assert bad == []
         assert found.name == "s1.state"
         assert found.raw == (state / _manifest.MANIFEST_NAME).read_bytes()
         fresh = tmp_path / "fresh"
         fresh.mkdir()
-        path = pub.restore_state(remote, found, fresh, durable=True)
+        path = _restore.restore_state(remote, found, fresh, durable=True)
         assert path == fresh / "s1.state"
         for rel, data in FILES.items():
             assert (path / rel).read_bytes() == data
@@ -70,12 +80,14 @@ class TestPublishRestore:
 
     def test_large_file_in_ranges(self, remote: Remote, tmp_path: Path) -> None:
         """A file larger than a ranged part is downloaded in parts and verified whole."""
-        big = os.urandom(2 * pub.PART + 12345)
+        big = os.urandom(2 * _restore.PART + 12345)
         state = commit(tmp_path / "a", {"big": big}, "big.state")
-        rs = pub.publish_state(remote, state)
+        rs = _publish.publish_state(remote, state)
         fresh = tmp_path / "fresh"
         fresh.mkdir()
-        assert (pub.restore_state(remote, rs, fresh, durable=False) / "big").read_bytes() == big
+        assert (
+            _restore.restore_state(remote, rs, fresh, durable=False) / "big"
+        ).read_bytes() == big
 
     def test_manifest_is_last(self, dir_remote: DirectoryRemote, tmp_path: Path) -> None:
         """If the manifest cannot be written, no state is listed and the files are removed."""
@@ -85,16 +97,16 @@ class TestPublishRestore:
 
         def put(key: str, source: object, size: int) -> None:
             seen.append(key)
-            if key.startswith(pub.STATES):
+            if key.startswith(_remote_states.STATES):
                 raise StorageError("injected: the manifest PUT fails")
             real_put(key, source, size)  # type: ignore[arg-type]
 
         dir_remote.put_if_absent = put  # type: ignore[method-assign]
         with pytest.raises(StorageError, match="injected"):
-            pub.publish_state(dir_remote, state)
-        assert seen[-1] == f"{pub.STATES}s.state"
+            _publish.publish_state(dir_remote, state)
+        assert seen[-1] == f"{_remote_states.STATES}s.state"
         assert len(seen) == 1 + len(FILES)
-        assert pub.read_remote_states(dir_remote) == ([], [])
+        assert _remote_states.read_remote_states(dir_remote) == ([], [])
         assert list(dir_remote.list("")) == []
 
     def test_local_damage_is_not_published(self, remote: Remote, tmp_path: Path) -> None:
@@ -102,27 +114,27 @@ class TestPublishRestore:
         state = commit(tmp_path / "a", FILES, "s.state")
         (state / "small").write_bytes(b"HELLO")
         with pytest.raises(CorruptStateError, match="small"):
-            pub.publish_state(remote, state)
+            _publish.publish_state(remote, state)
         assert list(remote.list("")) == []
 
     def test_two_publishers_one_name(self, remote: Remote, tmp_path: Path) -> None:
         """The second publisher of a name loses with StateExistsError; its files go again."""
         one = commit(tmp_path / "m1", {"x": b"one"}, "same.state")
         two = commit(tmp_path / "m2", {"x": b"two"}, "same.state")
-        first = pub.publish_state(remote, one)
+        first = _publish.publish_state(remote, one)
         with pytest.raises(StateExistsError):
-            pub.publish_state(remote, two)
-        (only,), _ = pub.read_remote_states(remote)
+            _publish.publish_state(remote, two)
+        (only,), _ = _remote_states.read_remote_states(remote)
         assert only.token == first.token
-        assert [o.key for o in remote.list(pub.DATA)] == [f"{first.data_prefix()}x"]
+        assert [o.key for o in remote.list(_remote_states.DATA)] == [f"{first.data_prefix()}x"]
 
 
 class TestDamage:
     """A damaged remote state is refused with a typed error and leaves nothing local."""
 
-    def _published(self, remote: DirectoryRemote, tmp_path: Path) -> pub.RemoteState:
+    def _published(self, remote: DirectoryRemote, tmp_path: Path) -> _remote_states.RemoteState:
         state = commit(tmp_path / "a", FILES, "s.state")
-        return pub.publish_state(remote, state)
+        return _publish.publish_state(remote, state)
 
     @pytest.mark.parametrize(
         ("damage", "message"),
@@ -143,7 +155,7 @@ class TestDamage:
         fresh = tmp_path / "fresh"
         fresh.mkdir()
         with pytest.raises(CorruptStateError, match=message):
-            pub.restore_state(dir_remote, rs, fresh, durable=False)
+            _restore.restore_state(dir_remote, rs, fresh, durable=False)
         assert local_entries(fresh) == []
         assert work_entries(fresh) == []
 
@@ -152,11 +164,11 @@ class TestDamage:
     ) -> None:
         """A manifest object with a flipped byte is listed as bad, not as a state."""
         self._published(dir_remote, tmp_path)
-        path = dir_remote.root / pub.STATES / "s.state"
+        path = dir_remote.root / _remote_states.STATES / "s.state"
         raw = bytearray(path.read_bytes())
         raw[60] ^= 1
         path.write_bytes(bytes(raw))
-        good, bad = pub.read_remote_states(dir_remote)
+        good, bad = _remote_states.read_remote_states(dir_remote)
         assert good == []
         assert [name for name, _ in bad] == ["s.state"]
         assert isinstance(bad[0][1], CorruptStateError)
@@ -165,14 +177,14 @@ class TestDamage:
     def test_hostile_paths_in_a_manifest(self, path: str) -> None:
         """A sealed manifest naming a path outside the state is refused before any write."""
         manifest = Manifest(datetime.now(timezone.utc), 1, (Entry(path, False, 1, 0),))
-        blob = pub.encode_manifest("abc", manifest.to_bytes())
+        blob = _remote_states.encode_manifest("abc", manifest.to_bytes())
         with pytest.raises(CorruptStateError, match="malformed"):
-            pub.decode_manifest("x.state", blob, "here")
+            _remote_states.decode_manifest("x.state", blob, "here")
 
     def test_no_header(self) -> None:
         """Bytes that are not a statekeep remote manifest are refused."""
         with pytest.raises(CorruptStateError, match="header"):
-            pub.decode_manifest("x", b"garbage", "here")
+            _remote_states.decode_manifest("x", b"garbage", "here")
 
 
 class TestSequence:
@@ -187,7 +199,10 @@ class TestSequence:
         def claim() -> None:
             try:
                 barrier.wait()
-                mine = [pub.claim_sequence(DirectoryRemote(dir_remote.root), 1) for _ in range(20)]
+                mine = [
+                    _remote_seq.claim_sequence(DirectoryRemote(dir_remote.root), 1)
+                    for _ in range(20)
+                ]
                 assert mine == sorted(mine)
                 got.extend(mine)
             except BaseException as exc:
@@ -204,16 +219,16 @@ class TestSequence:
 
     def test_claims_go_above_the_remote(self, dir_remote: DirectoryRemote) -> None:
         """A machine whose local counter is behind still claims above every remote claim."""
-        assert pub.claim_sequence(dir_remote, 50) == 50
-        assert pub.claim_sequence(dir_remote, 1) == 51
-        assert pub.claim_sequence(dir_remote, 100) == 100
+        assert _remote_seq.claim_sequence(dir_remote, 50) == 50
+        assert _remote_seq.claim_sequence(dir_remote, 1) == 51
+        assert _remote_seq.claim_sequence(dir_remote, 100) == 100
 
     def test_counter_orders_two_machines(self, dir_remote: DirectoryRemote, tmp_path: Path) -> None:
         """States committed alternately on two machines get increasing sequences."""
         from statekeep import _commit
 
         machines = [tmp_path / "m1", tmp_path / "m2"]
-        counters = [pub.Publisher(dir_remote, m, durable=False).counter() for m in machines]
+        counters = [_publish.Publisher(dir_remote, m, durable=False).counter() for m in machines]
         for m in machines:
             m.mkdir()
         seqs = []
@@ -234,7 +249,7 @@ class TestPending:
     ) -> None:
         """StorageError says the state is committed locally; the next publish sends both."""
         root = tmp_path / "states"
-        publisher = pub.Publisher(dir_remote, root, durable=False)
+        publisher = _publish.Publisher(dir_remote, root, durable=False)
         first = commit(root, {"x": b"1"}, "1.state")
         real_put = dir_remote.put_if_absent
 
@@ -257,7 +272,7 @@ class TestPending:
         root = tmp_path / "states"
         for i in range(3):
             commit(root, {"x": b"%d" % i}, f"{i}.state")
-        publisher = pub.Publisher(dir_remote, root, durable=False)
+        publisher = _publish.Publisher(dir_remote, root, durable=False)
         assert [p.name for p in publisher.publish_pending()] == ["0.state", "1.state", "2.state"]
         assert publisher.publish_pending() == []
 
@@ -265,9 +280,9 @@ class TestPending:
 class TestPrune:
     """Remote pruning: manifest first, never the newest that verifies, debris after grace."""
 
-    def _publish(self, remote: Remote, tmp_path: Path, n: int) -> list[pub.RemoteState]:
+    def _publish(self, remote: Remote, tmp_path: Path, n: int) -> list[_remote_states.RemoteState]:
         root = tmp_path / "states"
-        publisher = pub.Publisher(remote, root, durable=False)
+        publisher = _publish.Publisher(remote, root, durable=False)
         counter = publisher.counter()
         from statekeep import _commit
 
@@ -277,18 +292,21 @@ class TestPrune:
             with _commit.BuildDir(root, durable=False, counter=counter) as b:
                 (b.path / "x").write_bytes(b"%d" % i)
                 b.commit(root / f"{i}.state")
-            out.append(pub.publish_state(remote, root / f"{i}.state"))
+            out.append(_publish.publish_state(remote, root / f"{i}.state"))
         return out
 
     def test_keeps_newest(self, remote: Remote, tmp_path: Path) -> None:
         """max_keep=2 of 5 removes the three oldest, their files and old sequence markers."""
         states = self._publish(remote, tmp_path, 5)
-        removed = pub.prune_remote(remote, 2)
+        removed = _remote_prune.prune_remote(remote, 2)
         assert removed == ["0.state", "1.state", "2.state"]
-        assert [s.name for s in pub.read_remote_states(remote)[0]] == ["3.state", "4.state"]
-        data = {o.key for o in remote.list(pub.DATA)}
+        assert [s.name for s in _remote_states.read_remote_states(remote)[0]] == [
+            "3.state",
+            "4.state",
+        ]
+        data = {o.key for o in remote.list(_remote_states.DATA)}
         assert data == {f"{s.data_prefix()}x" for s in states[3:]}
-        markers = [int(o.key[len(pub.SEQ) :]) for o in remote.list(pub.SEQ)]
+        markers = [int(o.key[len(_remote_states.SEQ) :]) for o in remote.list(_remote_states.SEQ)]
         assert min(markers) >= states[3].sequence
         assert max(markers) == states[4].sequence
 
@@ -296,29 +314,34 @@ class TestPrune:
         """With the newest state's files gone, max_keep=1 keeps the newest complete one."""
         states = self._publish(dir_remote, tmp_path, 3)
         dir_remote.delete([f"{states[2].data_prefix()}x"])
-        removed = pub.prune_remote(dir_remote, 1)
+        removed = _remote_prune.prune_remote(dir_remote, 1)
         assert removed == ["0.state"]
-        assert [s.name for s in pub.read_remote_states(dir_remote)[0]] == ["1.state", "2.state"]
+        assert [s.name for s in _remote_states.read_remote_states(dir_remote)[0]] == [
+            "1.state",
+            "2.state",
+        ]
 
     def test_orphans_after_grace(self, dir_remote: DirectoryRemote, tmp_path: Path) -> None:
         """Files whose manifest never arrived go only once older than the grace period."""
         self._publish(dir_remote, tmp_path, 1)
-        orphan = f"{pub.DATA}ghost.state/deadbeef/x"
+        orphan = f"{_remote_states.DATA}ghost.state/deadbeef/x"
         dir_remote.put_if_absent(orphan, io.BytesIO(b"x"), 1)
-        pub.prune_remote(dir_remote, -1)
-        assert orphan in {o.key for o in dir_remote.list(pub.DATA)}
+        _remote_prune.prune_remote(dir_remote, -1)
+        assert orphan in {o.key for o in dir_remote.list(_remote_states.DATA)}
         later = datetime.now(timezone.utc) + timedelta(hours=2)
-        pub.prune_remote(dir_remote, -1, now=later)
-        assert orphan not in {o.key for o in dir_remote.list(pub.DATA)}
-        assert len(pub.read_remote_states(dir_remote)[0]) == 1
+        _remote_prune.prune_remote(dir_remote, -1, now=later)
+        assert orphan not in {o.key for o in dir_remote.list(_remote_states.DATA)}
+        assert len(_remote_states.read_remote_states(dir_remote)[0]) == 1
 
     def test_counter_survives_removing_everything(self, remote: Remote, tmp_path: Path) -> None:
         """max_keep=0 removes every state but the highest marker: claims never go back."""
         states = self._publish(remote, tmp_path, 3)
-        assert pub.prune_remote(remote, 0) == [s.name for s in states]
-        assert pub.read_remote_states(remote) == ([], [])
-        assert [o.key for o in remote.list(pub.SEQ)] == [pub.seq_key(states[-1].sequence)]
-        assert pub.claim_sequence(remote, 1) == states[-1].sequence + 1
+        assert _remote_prune.prune_remote(remote, 0) == [s.name for s in states]
+        assert _remote_states.read_remote_states(remote) == ([], [])
+        assert [o.key for o in remote.list(_remote_states.SEQ)] == [
+            _remote_seq.seq_key(states[-1].sequence)
+        ]
+        assert _remote_seq.claim_sequence(remote, 1) == states[-1].sequence + 1
 
 
 class TestPullNewest:
@@ -329,7 +352,7 @@ class TestPullNewest:
     ) -> None:
         """A flipped byte in the newest remote state: the one before is pulled, with a warning."""
         root = tmp_path / "m1"
-        publisher = pub.Publisher(remote, root, durable=False)
+        publisher = _publish.Publisher(remote, root, durable=False)
         counter = publisher.counter()
         from statekeep import _commit
 
@@ -347,7 +370,7 @@ class TestPullNewest:
         remote.put_if_absent(key, io.BytesIO(bytes(data)), len(data))
         fresh = tmp_path / "fresh"
         fresh.mkdir()
-        other = pub.Publisher(remote, fresh, durable=True)
+        other = _publish.Publisher(remote, fresh, durable=True)
         with caplog.at_level(logging.WARNING, "statekeep"):
             path = other.pull_newest(0)
         assert path == fresh / "1.state"
@@ -361,6 +384,7 @@ class TestPullNewest:
 class TestHostileSizes:
     """Sizes a damaged or hostile remote claims never make a restore hang or balloon."""
 
+    @pytest.mark.timeout(20)  # a restore that loops is stopped by pytest-timeout, not hung
     def test_manifest_claims_a_huge_file(self, dir_remote: DirectoryRemote, tmp_path: Path) -> None:
         """A sealed manifest saying a 1-byte object is 1 PB: a few GETs, then CorruptStateError."""
         calls: list[int] = []
@@ -368,25 +392,27 @@ class TestHostileSizes:
 
         def get(key: str, *, start: int = 0, length: int | None = None) -> bytes:
             calls.append(start)
+            if len(calls) > 4 * _restore.WINDOW:  # fail at once rather than loop on
+                raise AssertionError(f"unbounded: {len(calls)} GETs of a 1-byte object")
             return real_get(key, start=start, length=length)
 
         dir_remote.get = get  # type: ignore[method-assign]
         manifest = Manifest(datetime.now(timezone.utc), 1, (Entry("x", False, 1 << 50, 0),))
-        rs = pub.RemoteState("h.state", "tok", manifest, manifest.to_bytes())
+        rs = _remote_states.RemoteState("h.state", "tok", manifest, manifest.to_bytes())
         dir_remote.put_if_absent(f"{rs.data_prefix()}x", io.BytesIO(b"x"), 1)
         fresh = tmp_path / "fresh"
         fresh.mkdir()
         with pytest.raises(CorruptStateError, match="manifest says 1125899906842624"):
-            pub.restore_state(dir_remote, rs, fresh, durable=False)
-        assert len(calls) <= pub.WINDOW
+            _restore.restore_state(dir_remote, rs, fresh, durable=False)
+        assert len(calls) <= _restore.WINDOW
         assert local_entries(fresh) == []
 
     def test_huge_manifest_object_is_not_read(self, dir_remote: DirectoryRemote) -> None:
         """A manifest object above MAX_MANIFEST is reported damaged without a GET."""
-        path = dir_remote.root / pub.STATES
+        path = dir_remote.root / _remote_states.STATES
         path.mkdir(parents=True)
         with open(path / "big.state", "wb") as f:
-            f.truncate(pub.MAX_MANIFEST + 1)
-        good, bad = pub.read_remote_states(dir_remote)
+            f.truncate(_remote_states.MAX_MANIFEST + 1)
+        good, bad = _remote_states.read_remote_states(dir_remote)
         assert good == []
         assert "at most" in str(bad[0][1])

@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from statekeep import _publish
+from statekeep import _remote_prune, _remote_states, _restore
 from statekeep.remote import DirectoryRemote, Remote, S3Remote
 from test_remote_crash import WORKER, check_restored
 
@@ -21,7 +21,7 @@ def keep(
     """Prune to KEEP states, pass after pass, until ``stop`` is set."""
     while not stop.wait(0.005):
         try:
-            removed.extend(_publish.prune_remote(remote, KEEP))
+            removed.extend(_remote_prune.prune_remote(remote, KEEP))
         except BaseException as exc:
             errors.append(exc)
             return
@@ -61,8 +61,8 @@ def run_race(
         assert errors == []
         saved = {Path(line.split(" ", 2)[2]).name for o in outputs for line in o.splitlines()}
         assert len(saved) == 2 * count, "a writer did not finish"
-        _publish.prune_remote(remote, KEEP)
-        states, bad = _publish.read_remote_states(remote)
+        removed.extend(_remote_prune.prune_remote(remote, KEEP))  # what the last pass takes
+        states, bad = _remote_states.read_remote_states(remote)
         assert bad == []
         # Nothing lost: what is gone was pruned, and the newest KEEP by sequence remain.
         names = [s.name for s in states]
@@ -75,11 +75,11 @@ def run_race(
         for rs in states:  # no partial state: every listed state restores and verifies
             target = tmp_path / f"check-{r}-{rs.name}"
             target.mkdir()
-            path = _publish.restore_state(remote, rs, target, durable=False)
+            path = _restore.restore_state(remote, rs, target, durable=False)
             gen = check_restored(path, frozenset({"small", "big"}))
             assert rs.name.startswith(f"{gen}-")
         for rs in states:
-            remote.delete([f"{_publish.STATES}{rs.name}"])
+            remote.delete([f"{_remote_states.STATES}{rs.name}"])
 
 
 class TestTwoPublishersAndAKeeper:

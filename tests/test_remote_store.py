@@ -6,8 +6,10 @@ import io
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,8 +22,10 @@ from statekeep import (
     StateExistsError,
     StateStore,
     StorageError,
+    _remote_states,
+    verify_state,
 )
-from statekeep import _publish as pub
+from statekeep._manifest import MANIFEST_NAME
 from statekeep.remote import DirectoryRemote, Remote, S3Remote
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,7 +90,7 @@ class TestSaveAndRestore:
         for i in range(2):
             value.value = f"value {i}"
             store.save_state()
-        newest = pub.read_remote_states(remote)[0][-1]
+        newest = _remote_states.read_remote_states(remote)[0][-1]
         key = f"{newest.data_prefix()}value"
         data = bytearray(remote.get(key))
         data[2] ^= 1
@@ -148,11 +152,34 @@ class TestKeeperWithRemote:
             saved.append(store.save_state())
         keeper = LatestStatesKeeper(tmp_path / "m1", "s*.state", max_keep=2, remote=remote)
         keeper.cleanup()
-        remote_names = [s.name for s in pub.read_remote_states(remote)[0]]
+        remote_names = [s.name for s in _remote_states.read_remote_states(remote)[0]]
         assert remote_names == [p.name for p in saved[-2:]]
         assert [s.location for s in store.list_states()] == ["both", "both"]
-        kept = {o.key.split("/")[1] for o in remote.list(pub.DATA)}
+        kept = {o.key.split("/")[1] for o in remote.list(_remote_states.DATA)}
         assert kept == set(remote_names)
+
+    def test_plan_remote_names_what_cleanup_removes(
+        self, make_remote: Callable[[], Remote], tmp_path: Path
+    ) -> None:
+        """plan_remote() removes nothing and names exactly the remote states cleanup() removes,
+        a remote-only one included (which plan(), local paths only, cannot name)."""
+        remote = make_remote()
+        store, value = store_with(tmp_path / "m1", remote, state_name_format="s%f.state")
+        saved = []
+        for i in range(4):
+            value.value = i
+            saved.append(store.save_state())
+        shutil.rmtree(saved[0])  # now only on the remote
+        keeper = LatestStatesKeeper(tmp_path / "m1", "s*.state", max_keep=2, remote=remote)
+        before = [s.name for s in _remote_states.read_remote_states(remote)[0]]
+        planned = keeper.plan_remote()
+        assert planned == [saved[0].name, saved[1].name]
+        assert keeper.plan() == [saved[1]]
+        assert [s.name for s in _remote_states.read_remote_states(remote)[0]] == before
+        keeper.cleanup()
+        after = [s.name for s in _remote_states.read_remote_states(remote)[0]]
+        assert sorted(set(before) - set(after)) == planned
+        assert LatestStatesKeeper(tmp_path / "m1", max_keep=2).plan_remote() == []
 
 
 class TestFreshProcess:
@@ -251,3 +278,194 @@ class TestKeeperRemoteDown:
             assert len(keeper.cleanup()) == 2
         assert "could not prune" in caplog.text
         assert "injected" in caplog.text
+
+
+def _down_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "could not consult remote" in r.getMessage()
+    ]
+
+
+class TestRemoteDown:
+    """A remote that cannot be reached never stops a local resume."""
+
+    @pytest.mark.timeout(120)
+    def test_s3_server_killed(
+        self, own_s3_server: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Server SIGKILLed: the restarted program loads its newest local state, lists the
+        local states (one warning), a save commits locally and raises StorageError naming
+        it; with the server back, the next save publishes both."""
+        bucket = own_s3_server.new_bucket()
+        url = f"s3://{bucket}/down"
+        store, value = store_with(
+            tmp_path / "m",
+            S3Remote(url, client=own_s3_server.client()),
+            state_name_format="s%f.state",
+        )
+        for i in range(2):
+            value.value = i
+            last = store.save_state()
+        own_s3_server.kill()
+        again, got = store_with(
+            tmp_path / "m",
+            S3Remote(url, client=own_s3_server.client(connect_timeout=1)),
+            state_name_format="s%f.state",
+        )
+        with caplog.at_level(logging.WARNING, "statekeep"):
+            assert again.load_latest_state() == last
+            assert got.value == 1
+            listing = again.list_states()
+            assert again.latest_state() == last
+            assert again.list_states() == listing
+        assert [s.location for s in listing] == ["local", "local"]
+        warned = _down_warnings(caplog)
+        assert len(warned) == 1, warned
+        assert "S3 list" in warned[0]
+        got.value = 2
+        with pytest.raises(StorageError, match="committed locally") as info:
+            again.save_state()
+        third = again.list_states()[-1].path
+        assert str(third) in str(info.value)
+        own_s3_server.start()
+        fourth = again.save_state()
+        assert [(s.path, s.location) for s in again.list_states()][-2:] == [
+            (third, "both"),
+            (fourth, "both"),
+        ]
+        own_s3_server.kill()  # a second outage is logged again
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, "statekeep"):
+            assert [s.location for s in again.list_states()] == ["local"] * 4
+        assert len(_down_warnings(caplog)) == 1
+
+    def test_directory_remote_failing(
+        self, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Every remote read fails (a network disk gone): local load and listing go on; a
+        damaged newer local copy does not make the load ask the remote again."""
+        store, value = store_with(
+            tmp_path / "m", DirectoryRemote(tmp_path / "r"), state_name_format="s%f.state"
+        )
+        value.value = "kept"
+        last = store.save_state()
+        value.value = "newer"
+        damaged = store.save_state()
+        (damaged / "value").write_text('"x"')
+        remote = DirectoryRemote(tmp_path / "r")
+        calls: list[str] = []
+
+        def down(prefix: str, *, start_after: str = "") -> Any:
+            calls.append(prefix)
+            raise StorageError(5, "injected: the network disk is gone")
+
+        remote.list = down  # type: ignore[method-assign]
+        again, got = store_with(tmp_path / "m", remote)
+        with caplog.at_level(logging.WARNING, "statekeep"):
+            assert again.load_latest_state() == last
+            assert len(calls) == 1, calls  # one failed request per load, not one per state
+            assert [s.location for s in again.list_states()] == ["local", "local"]
+        assert got.value == "kept"
+        assert len(_down_warnings(caplog)) == 1
+        assert "network disk is gone" in _down_warnings(caplog)[0]
+
+
+class TestDamagedLocalCopy:
+    """A local copy that fails verification does not hide a good remote copy."""
+
+    def test_damaged_file_is_replaced(
+        self, make_remote: Callable[[], Remote], tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        store, value = store_with(tmp_path / "m", make_remote(), state_name_format="s%f.state")
+        for i in range(2):
+            value.value = f"value {i}"
+            last = store.save_state()
+        (last / "value").write_text('"value X"')  # same size, other bytes
+        again, got = store_with(tmp_path / "m", make_remote(), state_name_format="s%f.state")
+        with caplog.at_level(logging.WARNING, "statekeep"):
+            assert again.load_latest_state() == last
+        assert got.value == "value 1"
+        assert "replaced it by its remote copy" in caplog.text
+        verify_state(last)
+        assert [s.location for s in again.list_states()] == ["both", "both"]
+        assert sorted(os.listdir(tmp_path / "m")) == sorted(
+            s.path.name for s in again.list_states()
+        )
+
+    def test_damaged_manifest_is_listed_remote_and_replaced(
+        self, make_remote: Callable[[], Remote], tmp_path: Path
+    ) -> None:
+        store, value = store_with(tmp_path / "m", make_remote(), state_name_format="s%f.state")
+        for i in range(2):
+            value.value = i
+            last = store.save_state()
+        (last / MANIFEST_NAME).write_bytes(b"garbage")
+        again, got = store_with(tmp_path / "m", make_remote(), state_name_format="s%f.state")
+        listing = again.list_states()
+        assert [(s.path, s.location) for s in listing][-1] == (last, "remote")
+        assert again.latest_state() == last
+        assert again.load_latest_state() == last
+        assert got.value == 1
+        verify_state(last)
+        assert again.list_states()[-1].location == "both"
+
+    @pytest.mark.timeout(120)
+    def test_two_loaders_repair_at_once(self, tmp_path: Path) -> None:
+        """Two stores on one directory load while its newest copy is damaged, 30 rounds:
+        both load the newest value, nothing raises, one good copy is left."""
+        remote = DirectoryRemote(tmp_path / "r")
+        store, value = store_with(tmp_path / "m", remote, state_name_format="s%f.state")
+        value.value = "old"
+        store.save_state()
+        for round_ in range(30):
+            value.value = f"new {round_}"
+            last = store.save_state()
+            (last / "value").write_text('"x"')
+            loaders = [store_with(tmp_path / "m", DirectoryRemote(tmp_path / "r")) for _ in "ab"]
+            barrier = threading.Barrier(2, timeout=30)
+            results: list[object] = []
+
+            def load(
+                s: StateStore, barrier: threading.Barrier = barrier, results: list[object] = results
+            ) -> None:
+                barrier.wait()
+                try:
+                    results.append(s.load_latest_state())
+                except BaseException as exc:  # reported below, with the round
+                    results.append(exc)
+
+            threads = [threading.Thread(target=load, args=(s,)) for s, _ in loaders]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert not any(t.is_alive() for t in threads), round_
+            assert results == [last, last], round_
+            assert [v.value for _, v in loaders] == [f"new {round_}"] * 2, round_
+            verify_state(last)
+            assert not [n for n in os.listdir(tmp_path / "m") if n.startswith(".")], round_
+
+    def test_remote_copy_damaged_too(
+        self, make_remote: Callable[[], Remote], tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Both copies bad: the older state loads, the damaged local one is left as it was."""
+        remote = make_remote()
+        store, value = store_with(tmp_path / "m", remote, state_name_format="s%f.state")
+        for i in range(2):
+            value.value = f"value {i}"
+            last = store.save_state()
+        (last / "value").write_text('"value X"')
+        newest = _remote_states.read_remote_states(remote)[0][-1]
+        key = f"{newest.data_prefix()}value"
+        remote.delete([key])
+        remote.put_if_absent(key, io.BytesIO(b'"value Y"'), 9)
+        again, got = store_with(tmp_path / "m", make_remote(), state_name_format="s%f.state")
+        with caplog.at_level(logging.WARNING, "statekeep"):
+            loaded = again.load_latest_state()
+        assert loaded is not None
+        assert loaded != last
+        assert got.value == "value 0"
+        assert (last / "value").read_text() == '"value X"'
+        assert "cannot replace damaged" in caplog.text

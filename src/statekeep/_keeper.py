@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
 
-from statekeep import _atomic, _fork, _publish, _scan, _sequence
+from statekeep import _atomic, _fork, _remote_prune, _scan, _sequence
 from statekeep._order import (
     EntryKind,
     KeepLatest,
@@ -149,7 +149,11 @@ class LatestStatesKeeper:
         return infos, seals
 
     def plan(self, now: datetime | None = None) -> list[Path]:
-        """What :meth:`cleanup` would remove now, oldest first; removes nothing."""
+        """What :meth:`cleanup` would remove now, oldest first; removes nothing.
+
+        Local directories only; with a remote, :meth:`plan_remote` names the remote
+        states the same pass would remove.
+        """
         states, seals = self._states()
 
         def is_good(s: StateInfo) -> bool:
@@ -161,6 +165,29 @@ class LatestStatesKeeper:
             self._policy(),
             now or datetime.now(timezone.utc),
             is_good,
+            remove_all=self.policy is None and self.max_keep == 0,
+        )
+
+    def plan_remote(self, now: datetime | None = None) -> list[str]:
+        """The names of the remote states :meth:`cleanup` would remove now, oldest first.
+
+        Removes nothing. Apart from :meth:`plan` because remote states are not paths on
+        this disk: a name here may also be in :meth:`plan` (a state on both sides), or
+        only on the remote. Without a remote, ``[]``. (Debris a pass also reclaims, such
+        as files whose manifest never arrived, is not listed: it is no state.)
+
+        Raises:
+            StorageError: the remote cannot be reached.
+        """
+        if self.remote is None:
+            return []
+        return _remote_prune.plan_prune(self.remote, self._remote_chooser(now))
+
+    def _remote_chooser(self, now: datetime | None = None) -> _remote_prune.Chooser:
+        return _remote_prune.by_policy(
+            self._policy(),
+            self.state_name_pattern,
+            now or datetime.now(timezone.utc),
             remove_all=self.policy is None and self.max_keep == 0,
         )
 
@@ -189,14 +216,8 @@ class LatestStatesKeeper:
             logger.info("statekeep: removed old state %s", path)
             removed.append(path)
         if self.remote is not None:
-            choose = _publish.by_policy(
-                self._policy(),
-                self.state_name_pattern,
-                datetime.now(timezone.utc),
-                remove_all=self.policy is None and self.max_keep == 0,
-            )
             try:
-                _publish.prune_remote(self.remote, choose=choose)
+                _remote_prune.prune_remote(self.remote, choose=self._remote_chooser())
             except StorageError as exc:  # the local pass is done; the next pass retries
                 logger.error("statekeep: could not prune %r: %s", self.remote, exc)
         return removed

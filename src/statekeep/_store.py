@@ -18,6 +18,7 @@ from statekeep.errors import (
     MissingComponentsError,
     StateExistsError,
     StatekeepError,
+    StorageError,
 )
 from statekeep.remote import Remote, open_remote
 
@@ -285,6 +286,8 @@ class StateStore:
         state whose manifest cannot be read is left out and logged once. Never empty
         while a committed state exists, even with a keeper pruning meanwhile. With a
         remote, its states are listed too; each says where it lives (``location``).
+        If the remote cannot be reached, the local states are listed (``location``
+        ``"local"``) and a warning says why, once per outage.
         """
 
         def infos(entries: list[Entry]) -> list[StateInfo] | None:
@@ -345,16 +348,25 @@ class StateStore:
 
         With a remote, a remote state newer than every local one is first brought into
         ``states_dir`` (verified on the way, through the same private path as a save):
-        on an empty ``states_dir`` that is the newest remote state that verifies.
+        on an empty ``states_dir`` that is the newest remote state that verifies. A
+        local state that fails verification is replaced by its remote copy when that
+        one verifies (with a warning). A remote that cannot be reached does not stop
+        the load: the newest local state that verifies is loaded, with a warning
+        saying why the remote could not be consulted.
 
         Raises:
             MissingComponentsError: the newest state that verifies lacks registered
                 components (never skipped silently; pass ``allow_missing=True``).
-            StorageError: the remote failed (nothing was loaded).
         """
-        if self._publisher is not None:
-            self._publisher.pull_newest(_sequence.highest_committed(self._root))
+        publisher = self._publisher
+        if publisher is not None:
+            try:
+                publisher.pull_newest(_sequence.highest_committed(self._root))
+            except StorageError as exc:
+                publisher.unreachable(exc, "resuming from the newest local state that verifies")
+                publisher = None  # not asked again in this load (each try may wait a timeout)
         bad: set[str] = set()
+        repaired: set[str] = set()
         seen: list[str] | None = None
         for _ in range(_MAX_RESCANS):
             vanished = False
@@ -371,6 +383,14 @@ class StateStore:
                 except CorruptStateError as exc:
                     if not os.path.isdir(entry.path):
                         vanished = True
+                        break
+                    if (
+                        publisher is not None
+                        and entry.path not in repaired
+                        and publisher.repair(entry.path, exc)
+                    ):
+                        repaired.add(entry.path)
+                        vanished = True  # the remote copy is in its place: load it
                         break
                     bad.add(entry.path)
                     # The error names the state and the file; say what we do about it, once.

@@ -7,6 +7,9 @@ killed, writing ``saved GEN PATH`` as each save (commit + publish) returns.
 
 ``writer STATES_DIR REMOTE TAG COUNT``: commits and publishes COUNT states (no kill).
 
+``repair STATES_DIR REMOTE``: loads the newest state, whose local copy is damaged (see
+:func:`repair`).
+
 Every file starts with the generation and continues with a pattern derived from it
 (``snapshot_worker.payload``), so a restored state that mixes saves is caught.
 """
@@ -65,6 +68,26 @@ def writer(states_dir: str, remote_url: str, tag: str, count: int) -> None:
         emit(f"saved {gen} {final}")
 
 
+def repair(states_dir: str, remote_url: str) -> None:
+    """Open a store on STATES_DIR (whose newest local copy is damaged), say ``ready``,
+    wait for ``go``, then load: the remote copy replaces the damaged one. Killed at a
+    random moment of that by tests/test_remote_crash.py."""
+    from pathlib import Path
+
+    from statekeep import PersistentStateMixin, StateStore
+
+    class Blob(PersistentStateMixin):
+        def load_state(self, path: Path) -> None:
+            for part in sorted(path.iterdir()):
+                part.read_bytes()
+
+    store = StateStore(states_dir, remote=remote_url)
+    store.register("blob", Blob())
+    emit("ready")
+    sys.stdin.readline()
+    emit(f"loaded {store.load_latest_state()}")
+
+
 def zygote(states_dir: str, remote_url: str) -> None:
     import statekeep._publish  # noqa: F401  (imported once, before forking)
     from statekeep.remote import open_remote
@@ -78,6 +101,8 @@ def zygote(states_dir: str, remote_url: str) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "zygote":
         zygote(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "repair":
+        repair(sys.argv[2], sys.argv[3])
     elif sys.argv[1] == "writer":
         writer(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
     else:
