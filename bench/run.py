@@ -20,10 +20,11 @@ import tempfile
 from pathlib import Path
 
 from _cases_checkpoint import call_cases, checkpoint_cases
+from _cases_cli import cli_cases
 from _cases_listing import listing_cases
 from _cases_remote import remote_suites
 from _cases_snapshot import large_cases, small_cases
-from _goals import evaluate, goals
+from _goals import evaluate, goals, remote_goals
 from _harness import Case, Result, Suite, run_suite, suite_table
 from _peers import PamiqWorker, pamiq_python
 
@@ -113,7 +114,44 @@ def build_suites(tmp: Path, quick: bool, pamiq: tuple[str | None, str]) -> list[
     calls = Suite("Per-call overhead", call, 5 if quick else 21, call_skipped)
     counts = [100, 1000] if quick else [1000, 10_000]
     listing = Suite("Listing and pruning", listing_cases(tmp, counts), 3 if quick else 9)
-    return [small, large_writes, large_reads, ckpt, calls, listing, *remote_suites(quick)]
+    command = Suite("Command line", cli_cases(tmp, 1000 if quick else 10_000), 3 if quick else 7)
+    return [
+        small,
+        large_writes,
+        large_reads,
+        ckpt,
+        calls,
+        listing,
+        command,
+        *remote_suites(quick),
+        *rsnap_suites(tmp, quick),
+    ]
+
+
+def rsnap_suites(tmp: Path, quick: bool) -> list[Suite]:
+    """Snapshots published to and restored from S3 (SeaweedFS on 127.0.0.1)."""
+    from _cases_rsnap import rsnap_cases
+
+    import servers
+
+    big_mb = 16 if quick else 256
+    try:
+        server = servers.start_s3()
+    except (servers.ServerUnavailable, OSError, ImportError) as exc:
+        return [Suite("Snapshots on S3", [], 0, [f"S3: skipped, {exc}"])]
+    small, big = rsnap_cases(tmp, server, server.new_bucket(), big_mb=big_mb)
+    last = big[-1].close
+
+    def stop() -> None:
+        if last is not None:
+            last()
+        servers.discard(server)
+
+    big[-1].close = stop
+    return [
+        Suite("Snapshots on S3 (SeaweedFS), 3 x 1 KB", small, 5 if quick else 15),
+        Suite(f"Snapshots on S3 (SeaweedFS), {big_mb} MB", big, 3),
+    ]
 
 
 def main() -> int:
@@ -163,7 +201,8 @@ def main() -> int:
             )
     print("\n## Goals (issues 5 and 13), ratios from this run\n")
     large_mb, counts = ([16, 64], [100, 1000]) if args.quick else ([64, 256], [1000, 10_000])
-    evaluate(goals(large_mb, counts), results, memory)
+    remote = remote_goals(16 if args.quick else 256, [100, 1000] if args.quick else [1000, 10_000])
+    evaluate(goals(large_mb, counts) + remote, results, memory)
     if args.quick:
         print("\n(--quick: few rounds and smaller sizes; the verdicts above are indicative only)")
     return 0
