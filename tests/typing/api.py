@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Literal
 from uuid import UUID, uuid4
 
 import pydantic
+import pytest
 from typing_extensions import assert_type
 
 from statekeep import (
@@ -58,6 +59,11 @@ from statekeep.remote import (
     Source,
     check_key,
     open_remote,
+)
+from statekeep.testing import (
+    AWKWARD_IDS,
+    CheckpointStorageContract,
+    PersistentCheckpointStorageContract,
 )
 
 # --- snapshots ---------------------------------------------------------------------
@@ -352,3 +358,26 @@ def recoverable(storage: CheckpointStorage) -> None:
     with RecoverableState(default_state=Progress(), persist_state_key="other") as entered:
         assert_type(entered, RecoverableState[Progress])
         assert_type(entered.current_value.done, list[str])
+
+
+# --- statekeep.testing -------------------------------------------------------------
+
+
+class TestBlobStorage(PersistentCheckpointStorageContract):
+    """The conformance suite over a user's backend, as writing-a-backend.md shows it."""
+
+    @pytest.fixture
+    def make_storage(self, tmp_path: Path) -> Callable[[], CheckpointStorage]:
+        return BlobStorage
+
+
+class TestDictStorage(CheckpointStorageContract):
+    @pytest.fixture
+    def make_storage(self) -> Callable[[], CheckpointStorage]:
+        return DictStorage
+
+
+def awkward_ids() -> None:
+    assert_type(AWKWARD_IDS, tuple[str, ...])
+    for session_id in AWKWARD_IDS:
+        MemoryCheckpointStorage().save(session_id, {})
