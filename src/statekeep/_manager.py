@@ -301,5 +301,5 @@ class StateManager(Generic[ContextT]):
         return deleted
 
     def list_checkpoints(self) -> list[CheckpointInfo]:
-        """Every checkpoint in the storage, with its metadata (rows done, total rows)."""
+        """Every checkpoint in the storage, with its metadata (``last_processed_row``, ...)."""
         return self._storage.list_checkpoints()
