@@ -64,6 +64,14 @@ class TestRecordedComponents:
         manifest.write_bytes(b"{}")
         assert recorded_components(str(saved)) is None
 
+    def test_none_for_bytes_that_are_not_text(self, states_dir: Path) -> None:
+        saved = _save(states_dir, ["a"])
+        manifest = saved / MANIFEST_NAME
+        raw = manifest.read_bytes()
+        assert b'["a"]' in raw
+        manifest.write_bytes(raw.replace(b'["a"]', b'["\xff"]'))
+        assert recorded_components(str(saved)) is None
+
     def test_none_without_a_manifest_or_a_state(self, states_dir: Path) -> None:
         saved = _save(states_dir, ["a"])
         assert recorded_components(str(saved.parent / "gone.state")) is None

@@ -86,8 +86,8 @@ def recorded_components(directory: str) -> list[str] | None:
     if match is None:
         return None
     try:
-        metadata = json.loads(match[1])
-    except (ValueError, RecursionError):
+        metadata = json.loads(match[1].decode("ascii"))  # str: no encoding sniffing
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
     names = metadata.get(components_key) if isinstance(metadata, dict) else None
     if isinstance(names, list) and all(isinstance(n, str) for n in names):

@@ -236,7 +236,7 @@ class StateStore:
                 missing=missing,
                 present=present,
             )
-        path = Path(root)
+        path = state_path if isinstance(state_path, Path) else Path(root)  # no re-parse
         for component, state in components:
             if component not in missing:
                 state.load_state(path / component)
