@@ -6,6 +6,7 @@ mismatched pair under a racing writer); these check the choice between the two p
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 from uuid import UUID
@@ -120,10 +121,11 @@ class TestTheStoragesOwnRead:
     def test_a_corrupt_checkpoint_raises_from_initialize(
         self, memory: MemoryCheckpointStorage
     ) -> None:
-        name = memory._name(KEY)
-        blob = memory._read(name)
-        assert blob is not None
-        memory._write(name, blob.replace(b'"count":5', b'"count":6'))
+        found = memory._get_with_info(KEY)
+        assert found is not None
+        payload, info = found
+        meta = json.dumps(dict(info.metadata)).encode()
+        memory._put(KEY, payload[:-1], meta)  # the data cut short: no longer whole JSON
         state = _new(WithInfo(memory))
         with pytest.raises(CorruptCheckpointError, match=KEY):
             state.initialize()

@@ -10,8 +10,11 @@ not verifying).
 from __future__ import annotations
 
 import fnmatch
+import json
 import logging
 import os
+import re
+import stat
 import threading
 from collections import OrderedDict
 from datetime import datetime, timezone
@@ -27,6 +30,7 @@ __all__ = [
     "head_info",
     "info_of",
     "read_manifest",
+    "recorded_components",
     "scan",
     "verified",
     "warn_once",
@@ -47,6 +51,51 @@ def read_manifest(directory: str) -> _manifest.Manifest:
         CorruptStateError: the manifest is missing, unreadable, special or malformed.
     """
     return _manifest.read_manifest(directory)
+
+
+# The head of a manifest as this statekeep writes it (format version 3): the metadata is
+# one line (JSON without newlines), before the list of files.
+_HEAD_METADATA = re.compile(
+    rb'\{\n "format": "statekeep\.state",\n "version": 3,\n "created_at": "[^"\\\n]*",\n'
+    rb' "sequence": \d+,\n "metadata": (\{[^\n]*\}),\n "files": \['
+)
+_HEAD_BYTES = 1 << 16
+
+
+def recorded_components(directory: str) -> list[str] | None:
+    """The component names recorded in the head of ``directory``'s manifest, unverified.
+
+    For ``load_state(verify=False)``: one bounded read of the manifest's head and a
+    parse of its metadata line only, instead of the whole manifest. None whenever that
+    does not give the names (no manifest, not a regular file, laid out otherwise, no
+    record, metadata beyond the head): the caller reads the manifest whole. Never raises.
+    """
+    try:
+        fd = os.open(f"{directory}/{_manifest.MANIFEST_NAME}", _HEAD_FLAGS)
+    except (OSError, ValueError):
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None  # a FIFO or a device is never read
+        head = os.read(fd, _HEAD_BYTES)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    match = _HEAD_METADATA.match(head)
+    if match is None:
+        return None
+    try:
+        metadata = json.loads(match[1].decode("ascii"))  # str: no encoding sniffing
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return None
+    names = metadata.get(components_key) if isinstance(metadata, dict) else None
+    if isinstance(names, list) and all(isinstance(n, str) for n in names):
+        return names
+    return None
+
+
+_HEAD_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW
 
 
 def _head(directory: str) -> tuple[float, int] | Exception | None:

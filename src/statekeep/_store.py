@@ -210,19 +210,25 @@ class StateStore:
                 ``allow_missing``); no component was called.
         """
         root = os.fspath(state_path)  # str for our own reads; Path only for components
+        recorded = None if verify else _scan.recorded_components(root)  # the cheap way
+        manifest: _manifest.Manifest | None = None
         if verify:
-            manifest: _manifest.Manifest | None = _manifest.verify(root)
-        else:
+            manifest = _manifest.verify(root)
+        elif recorded is None:
             try:
                 manifest = _scan.read_manifest(root)
             except CorruptStateError:
                 if not os.path.isdir(root):
                     raise FileNotFoundError(f"state {root} does not exist") from None
-                manifest = None  # an older tool's state: nothing to check the names against
+                # an older tool's state: nothing to check the names against
         components = list(self._components())
-        missing = [] if manifest is None else _missing(manifest, [c for c, _ in components])
-        if missing and not allow_missing and manifest is not None:
-            present = _present(manifest)
+        names = [c for c, _ in components]
+        if recorded is not None:
+            missing = [c for c in names if c not in recorded]
+        else:
+            missing = [] if manifest is None else _missing(manifest, names)
+        if missing and not allow_missing:
+            present = recorded if recorded is not None else _present(manifest)
             raise MissingComponentsError(
                 f"state {root} lacks registered components {missing}; it holds {present}"
                 " (load_state(..., allow_missing=True) loads it without them)",
@@ -230,7 +236,7 @@ class StateStore:
                 missing=missing,
                 present=present,
             )
-        path = Path(root)
+        path = state_path if isinstance(state_path, Path) else Path(root)  # no re-parse
         for component, state in components:
             if component not in missing:
                 state.load_state(path / component)
@@ -431,7 +437,9 @@ def _recorded(manifest: _manifest.Manifest) -> list[str] | None:
     return None
 
 
-def _present(manifest: _manifest.Manifest) -> list[str]:
+def _present(manifest: _manifest.Manifest | None) -> list[str]:
+    if manifest is None:
+        return []
     recorded = _recorded(manifest)
     if recorded is not None:
         return recorded
