@@ -8,6 +8,7 @@ import os
 import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -131,6 +132,26 @@ class TestPublishRestore:
         assert len(landed) == len(FILES) - 1  # the others all ran to the end
         assert list(dir_remote.list("")) == []
         assert not [t for t in threading.enumerate() if t.name.startswith("statekeep-publish")]
+
+    def test_small_puts_skip_the_continue_round_trip(
+        self, s3_bucket: str, s3_client: Any, tmp_path: Path
+    ) -> None:
+        """On S3 each small file and the manifest go up in one request, without botocore's
+        ``Expect: 100-continue`` (which waits a round trip before sending the body)."""
+        remote = S3Remote(f"s3://{s3_bucket}/pub", client=s3_client)
+        state = commit(tmp_path / "a", FILES, "s.state")
+        sent: list[tuple[str, bool]] = []
+
+        def record(request: Any, **_: Any) -> None:
+            sent.append((request.url, "Expect" in request.headers))
+
+        s3_client.meta.events.register_last("before-send.s3.PutObject", record)
+        try:
+            _publish.publish_state(remote, state)
+        finally:
+            s3_client.meta.events.unregister("before-send.s3.PutObject", record)
+        assert len(sent) == len(FILES) + 1
+        assert [url for url, expect in sent if expect] == []
 
     def test_local_damage_is_not_published(self, remote: Remote, tmp_path: Path) -> None:
         """A committed state whose file changed since is refused; nothing is published."""

@@ -223,6 +223,39 @@ class TestFailures:
         storage.close()
 
 
+class TestSmallPuts:
+    """statekeep's small PUTs skip botocore's ``Expect: 100-continue`` (a round trip of its
+    own); large ones and the client's other requests keep it."""
+
+    def test_expect_only_where_it_pays(
+        self, url: str, s3_client: Any, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        from statekeep.storage import _s3
+
+        sent: list[tuple[str, bool]] = []
+
+        def record(request: Any, **_: Any) -> None:
+            sent.append((request.url.rsplit("/", 1)[-1], "Expect" in request.headers))
+
+        storage = S3CheckpointStorage(url, client=s3_client)
+        s3_client.meta.events.register_last("before-send.s3.PutObject", record)
+        try:
+            storage.save("small", {"v": "x" * 1000})
+            s3_client.put_object(Bucket=s3_bucket, Key="theirs", Body=b"x" * 1000)
+            monkeypatch.setattr(_s3, "SMALL_PUT", 100)
+            storage.save("large", {"v": "x" * 1000})
+        finally:
+            s3_client.meta.events.unregister("before-send.s3.PutObject", record)
+        small, large = storage._name("small"), storage._name("large")
+        assert sent == [
+            (small.rsplit("/", 1)[-1], False),
+            ("theirs", True),
+            (large.rsplit("/", 1)[-1], True),
+        ]
+        assert storage.load("small") == {"v": "x" * 1000}
+        assert storage.load("large") == {"v": "x" * 1000}
+
+
 class TestConflictRetry:
     """AWS's 409 ConditionalRequestConflict on a PUT is retried; other errors are not."""
 

@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 from statekeep import _fork
 from statekeep.errors import StateExistsError, StorageError
 from statekeep.remote._base import RemoteObject, Source, check_key
+from statekeep.storage._s3 import SMALL_PUT, put_small
 
 __all__ = ["S3Remote"]
 
@@ -136,7 +137,11 @@ class S3Remote:
         if size <= self.part_size:
             body = _read_exact(source, size, key)
             try:
-                self.client.put_object(Bucket=self.bucket, Key=full, Body=body, IfNoneMatch="*")
+                params = {"Bucket": self.bucket, "Key": full, "Body": body, "IfNoneMatch": "*"}
+                if size <= SMALL_PUT:  # sent at once, without Expect: 100-continue
+                    put_small(self.client, **params)
+                else:
+                    self.client.put_object(**params)
             except self._errors() as exc:
                 self._conflict("put", key, exc)
             return

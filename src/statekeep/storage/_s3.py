@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 from statekeep import _fork
 from statekeep.storage._base import BaseCheckpointStorage
 
-__all__ = ["S3CheckpointStorage", "parse_s3_url"]
+__all__ = ["S3CheckpointStorage", "parse_s3_url", "put_small"]
 
 SUFFIX = ".ckpt"
 _HEAD_BYTES = 4096  # one ranged GET holds the header unless its metadata is large
@@ -31,6 +32,34 @@ _CONFLICT_RETRIES = 5
 _THREADS = 16  # parallel header reads while listing
 _HTTP_ERRNO = {403: errno.EACCES, 404: errno.ENOENT, 503: errno.EAGAIN, 507: errno.ENOSPC}
 _MISSING = frozenset({"NoSuchKey"})
+# Bodies up to this size are sent without ``Expect: 100-continue``. botocore asks for it
+# on every PUT, which costs a round trip of its own (headers, wait for "100 Continue",
+# then the body): for a small body, sending it at once is cheaper than asking first.
+SMALL_PUT = 1 << 20
+_small = threading.local()  # set while this thread sends one of statekeep's small PUTs
+
+
+def _drop_expect(request: Any, **_: Any) -> None:
+    if getattr(_small, "on", False):
+        del request.headers["Expect"]  # not a signed header: the signature stays valid
+
+
+def put_small(client: Any, **params: Any) -> Any:
+    """``client.put_object(**params)`` for a body of at most :data:`SMALL_PUT` bytes,
+    sent in one go, without the ``Expect: 100-continue`` round trip.
+
+    Only statekeep's own PUTs are changed: the hook added to the client (once) acts
+    only inside this call, in this thread; every other request of the client is as it
+    was.
+    """
+    client.meta.events.register(
+        "before-send.s3.PutObject", _drop_expect, unique_id="statekeep-small-put"
+    )
+    _small.on = True
+    try:
+        return client.put_object(**params)
+    finally:
+        _small.on = False
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -189,9 +218,11 @@ class S3CheckpointStorage(BaseCheckpointStorage):
     def _write(self, name: str, blob: bytes) -> None:
         for attempt in range(_CONFLICT_RETRIES):
             try:
-                self.client.put_object(
-                    Bucket=self.bucket, Key=name, Body=blob, ContentType="application/json"
-                )
+                params = {"Bucket": self.bucket, "Key": name, "Body": blob}
+                if len(blob) <= SMALL_PUT:
+                    put_small(self.client, **params)
+                else:
+                    self.client.put_object(**params)
                 return
             except self._client_error as exc:
                 # AWS answers 409 ConditionalRequestConflict to a PUT racing another
