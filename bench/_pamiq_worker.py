@@ -1,8 +1,9 @@
-"""Runs pamiq-core's StateStore cases on request, under a Python >= 3.12 that has it.
+"""pamiq-core 0.4.0's StateStore cases: imported by the benchmark when its own Python
+(>= 3.12) has pamiq-core, else run as a worker under a Python that has it.
 
-The benchmark process starts this once and sends one case key per line on stdin; the
-worker runs one sample of that case and answers with the seconds per operation. So the
-peer's samples interleave with statekeep's although they run in another interpreter.
+As a worker, the benchmark process starts it once and sends one case key per line on
+stdin; the worker runs one sample of that case and answers with the seconds per
+operation. So the peer's samples interleave with statekeep's either way.
 Usage: python _pamiq_worker.py TMPDIR REPEAT
 """
 
@@ -12,6 +13,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pamiq_core.state_persistence import PersistentStateMixin, StateStore
@@ -30,8 +32,8 @@ class Blob(PersistentStateMixin):
             self.data = f.read()
 
 
-def main() -> None:
-    tmp, repeat = Path(sys.argv[1]), int(sys.argv[2])
+def make_cases(tmp: Path, repeat: int) -> dict[str, Callable[[], float]]:
+    """pamiq-core's cases (seconds per operation), as the benchmark runs them."""
     tmp.mkdir(parents=True, exist_ok=True)
     store = StateStore(tmp / "pamiq-save")
     loader = StateStore(tmp / "pamiq-load")
@@ -55,7 +57,11 @@ def main() -> None:
             loader.load_state(saved)
         return (time.perf_counter() - start) / repeat
 
-    cases = {"pamiq_save": save, "pamiq_load": load}
+    return {"pamiq_save": save, "pamiq_load": load}
+
+
+def main() -> None:
+    cases = make_cases(Path(sys.argv[1]), int(sys.argv[2]))
     print("ready", flush=True)
     for line in sys.stdin:
         print(repr(cases[line.strip()]()), flush=True)

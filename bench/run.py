@@ -1,8 +1,9 @@
 """statekeep benchmarks: every operation against the physical limit and the peers.
 
 Run ``python bench/run.py`` (or ``nox -s bench``); ``--quick`` for a smoke run. Each
-suite's cases run interleaved in this one process (pamiq-core's in a worker under a
-Python >= 3.12); the tables give medians, and ratios against baselines of the same run.
+suite's cases run interleaved in this one process (pamiq-core's too when this Python is
+>= 3.12, else in a worker under one); the tables give medians, and ratios against
+baselines of the same run.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import tempfile
 from pathlib import Path
 
 from _cases_checkpoint import call_cases, checkpoint_cases
+from _cases_cli import cli_cases
 from _cases_listing import listing_cases
 from _cases_remote import remote_suites
 from _cases_snapshot import large_cases, small_cases
-from _goals import evaluate, goals
-from _harness import Result, Suite, run_suite, suite_table
+from _goals import evaluate, goals, remote_goals
+from _harness import Case, Result, Suite, run_suite, suite_table
 from _peers import PamiqWorker, pamiq_python
 
 HERE = Path(__file__).resolve().parent
@@ -64,29 +66,32 @@ def build_suites(tmp: Path, quick: bool, pamiq: tuple[str | None, str]) -> list[
     small_rounds, repeat = (5, 5) if quick else (41, 10)
     small = Suite("Snapshots, 3 x 1 KB components", small_cases(tmp, repeat), small_rounds)
     python, why = pamiq
+    labels = {
+        "pamiq_save": ("pamiq-core StateStore.save_state 3x1 KB", "inplace_save"),
+        "pamiq_load": ("pamiq-core StateStore.load_state 3x1 KB", "raw_read_small"),
+    }
+    if python == sys.executable:  # this Python has pamiq-core 0.4.0: run it in this process
+        from _pamiq_worker import make_cases
+
+        for key, sample in make_cases(tmp / "pamiq", repeat).items():
+            label, baseline = labels[key]
+            small.cases.append(Case(key, label, sample, baseline=baseline))
+        small.skipped.append(f"pamiq-core: run in this process ({why})")
+        python = None
     worker = None
     if python is not None:
         try:
             worker = PamiqWorker(python, tmp / "pamiq", repeat)
         except (OSError, RuntimeError) as exc:
             why = f"its worker under {python} failed: {exc}"
-    if worker is None:
+            small.skipped.append(f"pamiq-core: skipped, {why}")
+    elif not any(c.key == "pamiq_save" for c in small.cases):
         small.skipped.append(f"pamiq-core: skipped, {why}")
-    else:
-        small.cases.append(
-            worker.case(
-                "pamiq_save", "pamiq-core StateStore.save_state 3x1 KB", baseline="inplace_save"
-            )
-        )
-        small.cases.append(
-            worker.case(
-                "pamiq_load",
-                "pamiq-core StateStore.load_state 3x1 KB",
-                baseline="raw_read_small",
-                close=worker.close,
-            )
-        )
-        small.skipped.append(f"pamiq-core: run by {why}")
+    if worker is not None:
+        for key, (label, baseline) in labels.items():
+            close = worker.close if key == "pamiq_load" else None
+            small.cases.append(worker.case(key, label, baseline=baseline, close=close))
+        small.skipped.append(f"pamiq-core: run by a worker under {why}")
     sizes = [16 << 20, 64 << 20] if quick else [64 << 20, 256 << 20]
     # Writes and cold reads in separate suites: interleaving fsync-heavy writes with
     # evict-and-read cases made both sides' timings swing 3-4x on this VM's disk.
@@ -109,7 +114,44 @@ def build_suites(tmp: Path, quick: bool, pamiq: tuple[str | None, str]) -> list[
     calls = Suite("Per-call overhead", call, 5 if quick else 21, call_skipped)
     counts = [100, 1000] if quick else [1000, 10_000]
     listing = Suite("Listing and pruning", listing_cases(tmp, counts), 3 if quick else 9)
-    return [small, large_writes, large_reads, ckpt, calls, listing, *remote_suites(quick)]
+    command = Suite("Command line", cli_cases(tmp, 1000 if quick else 10_000), 3 if quick else 7)
+    return [
+        small,
+        large_writes,
+        large_reads,
+        ckpt,
+        calls,
+        listing,
+        command,
+        *remote_suites(quick),
+        *rsnap_suites(tmp, quick),
+    ]
+
+
+def rsnap_suites(tmp: Path, quick: bool) -> list[Suite]:
+    """Snapshots published to and restored from S3 (SeaweedFS on 127.0.0.1)."""
+    from _cases_rsnap import rsnap_cases
+
+    import servers
+
+    big_mb = 16 if quick else 256
+    try:
+        server = servers.start_s3()
+    except (servers.ServerUnavailable, OSError, ImportError) as exc:
+        return [Suite("Snapshots on S3", [], 0, [f"S3: skipped, {exc}"])]
+    small, big = rsnap_cases(tmp, server, server.new_bucket(), big_mb=big_mb)
+    last = big[-1].close
+
+    def stop() -> None:
+        if last is not None:
+            last()
+        servers.discard(server)
+
+    big[-1].close = stop
+    return [
+        Suite("Snapshots on S3 (SeaweedFS), 3 x 1 KB", small, 5 if quick else 15),
+        Suite(f"Snapshots on S3 (SeaweedFS), {big_mb} MB", big, 3),
+    ]
 
 
 def main() -> int:
@@ -159,7 +201,8 @@ def main() -> int:
             )
     print("\n## Goals (issues 5 and 13), ratios from this run\n")
     large_mb, counts = ([16, 64], [100, 1000]) if args.quick else ([64, 256], [1000, 10_000])
-    evaluate(goals(large_mb, counts), results, memory)
+    remote = remote_goals(16 if args.quick else 256, [100, 1000] if args.quick else [1000, 10_000])
+    evaluate(goals(large_mb, counts) + remote, results, memory)
     if args.quick:
         print("\n(--quick: few rounds and smaller sizes; the verdicts above are indicative only)")
     return 0

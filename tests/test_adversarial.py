@@ -8,19 +8,29 @@ store order, report or prune wrongly before it was fixed.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import gc
 import logging
+import multiprocessing
 import os
 import shutil
+import subprocess
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
+from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 
 import pytest
 
 from statekeep import (
+    KeepBest,
+    KeepLatest,
     LatestStatesKeeper,
     PersistentStateMixin,
+    StateInfo,
     StateStore,
     _atomic,
     _checksum,
@@ -181,6 +191,14 @@ class TestResumeFromACopiedInState:
         finally:
             states_dir.chmod(0o755)
 
+    def test_a_dry_run_writes_nothing(self, backup: Path, states_dir: Path) -> None:
+        s, _ = store(states_dir)
+        s.save_state()
+        self.copy_in(backup, states_dir)
+        before = os.getxattr(states_dir, _sequence.XATTR)
+        assert LatestStatesKeeper(states_dir, max_keep=1).plan() != []
+        assert os.getxattr(states_dir, _sequence.XATTR) == before
+
     def test_a_damaged_number_is_not_believed(self, states_dir: Path) -> None:
         """A manifest whose head claims the largest number but fails its seal must not
         push the counter there: every later save would be numbered out of range."""
@@ -248,6 +266,18 @@ class TestHugeNumbersInTheDirectory:
         with pytest.raises(StorageError, match="exhausted"):
             s2.save_state()
         assert os.listdir(states_dir) == [top.name]  # nothing unloadable was committed
+
+
+@needs_xattr
+def test_an_attribute_out_of_range_is_not_believed(states_dir: Path) -> None:
+    """An attribute holding a number no manifest can carry (another tool wrote it) is
+    treated as missing: the count starts again above the manifests, and saves go on."""
+    s, _ = store(states_dir)
+    s.save_state()
+    os.setxattr(states_dir, _sequence.XATTR, b"9999999999999999999")
+    later = s.save_state()
+    assert verify_state(later).sequence == 2
+    assert os.getxattr(states_dir, _sequence.XATTR) == b"2"
 
 
 class TestStatesDirReplaced:
@@ -375,3 +405,257 @@ class TestUnremovableState:
         monkeypatch.setattr(os, "access", other_keeper_first)
         with pytest.raises(FileNotFoundError):
             _atomic.discard_committed(states_dir, state)
+
+
+class TestListingRacingTheKeeper:
+    """``latest_state()`` and ``list_states()`` never answer "nothing" while a committed
+    state exists, with saves and a keeper (``max_keep=1``) renaming states in and out.
+
+    Before: they worked from one scan; when the state listed was pruned before its
+    manifest was read (a newer one having been committed after the scan), they
+    returned ``None`` / ``[]`` (about 1 call in 2000 with a saver and a keeper running).
+    """
+
+    @pytest.fixture
+    def reader_racing(
+        self, states_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> tuple[StateStore, Callable[[], Path]]:
+        """A reader whose next manifest read first commits a newer state and prunes the
+        one being read, as a saver and a keeper in other processes do; and the newer
+        state, once it exists."""
+        saver, _ = store(states_dir)
+        old = saver.save_state()
+        reader = StateStore(states_dir)
+        real = _scan.read_manifest
+        newer: list[Path] = []
+
+        def racing(directory: str) -> _manifest.Manifest:
+            if not newer and directory == str(old):
+                newer.append(saver.save_state())
+                _atomic.discard_committed(states_dir, old)
+            return real(directory)
+
+        monkeypatch.setattr(_scan, "read_manifest", racing)
+        return reader, lambda: newer[0]
+
+    def test_latest_state(self, reader_racing: tuple[StateStore, Callable[[], Path]]) -> None:
+        reader, newer = reader_racing
+        assert reader.latest_state() == newer()
+
+    def test_list_states(self, reader_racing: tuple[StateStore, Callable[[], Path]]) -> None:
+        reader, newer = reader_racing
+        assert [i.path for i in reader.list_states()] == [newer()]
+
+    def test_an_empty_directory_is_still_empty(self, states_dir: Path) -> None:
+        reader = StateStore(states_dir)
+        assert reader.latest_state() is None
+        assert reader.list_states() == []
+
+    def test_processes(self, states_dir: Path) -> None:
+        """The real race, a saver and a keeper in two processes, many calls."""
+        ctx = multiprocessing.get_context("fork")
+        stop = ctx.Event()
+        s, _ = store(states_dir)
+        s.save_state()
+        procs = [
+            ctx.Process(target=_save_until, args=(states_dir, stop)),
+            ctx.Process(target=_prune_until, args=(states_dir, stop)),
+        ]
+        for p in procs:
+            p.start()
+        reader = StateStore(states_dir)
+        empty = calls = 0
+        deadline = time.monotonic() + 8.0
+        try:
+            while calls < 20_000 and time.monotonic() < deadline:
+                calls += 2
+                empty += reader.latest_state() is None
+                empty += not reader.list_states()
+        finally:
+            stop.set()
+            for p in procs:
+                p.join(30)
+        assert [p.exitcode for p in procs] == [0, 0], "a saver or keeper failed: see stderr"
+        assert calls >= 200, "too few calls to mean anything"
+        assert empty == 0, f"{empty} of {calls} calls found nothing"
+
+
+def _save_until(states_dir: Path, stop: EventType) -> None:
+    s, _ = store(states_dir)
+    while not stop.is_set():
+        s.save_state()
+
+
+def _prune_until(states_dir: Path, stop: EventType) -> None:
+    keeper = LatestStatesKeeper(states_dir, max_keep=1, cleanup_interval=0)
+    while not stop.is_set():
+        keeper.cleanup()
+
+
+@needs_xattr
+class TestReadersNeverWaitForTheLock:
+    """Raising the counter from a listing never waits for the directory's ``flock``:
+    a loader must not hang because another process (a saver stopped mid-commit, a
+    backup script running under ``flock states/``) holds it."""
+
+    def test_load_while_the_directory_is_locked(self, backup: Path, states_dir: Path) -> None:
+        s, _ = store(states_dir)
+        s.save_state()
+        shutil.copytree(backup, states_dir / backup.name)  # above the counter: a raise is due
+        holder = os.open(states_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(holder, fcntl.LOCK_EX)
+            result: list[object] = []
+            t = threading.Thread(
+                target=lambda: result.append(store(states_dir)[0].load_latest_state()),
+                daemon=True,
+            )
+            t.start()
+            t.join(20)
+            assert not t.is_alive(), "a reader waited for the directory's lock"
+            assert result == [states_dir / backup.name]
+        finally:
+            os.close(holder)
+        # Once the lock is free, the next listing raises the counter after all.
+        assert s.latest_state() == states_dir / backup.name
+        later = s.save_state()
+        assert seqs(states_dir)[later.name] > 20
+
+
+@pytest.fixture
+def read_only_view(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """(a writable directory, the same directory seen through a read-only bind mount)."""
+    source, view = tmp_path / "rw", tmp_path / "ro"
+    source.mkdir()
+    view.mkdir()
+    bind = subprocess.run(["mount", "--bind", source, view], capture_output=True, text=True)
+    if bind.returncode != 0:
+        pytest.skip(f"cannot bind-mount here: {bind.stderr.strip()}")
+    try:
+        ro = subprocess.run(
+            ["mount", "-o", "remount,bind,ro", view], capture_output=True, text=True
+        )
+        if ro.returncode != 0:
+            pytest.skip(f"cannot remount read-only here: {ro.stderr.strip()}")
+        yield source, view
+    finally:
+        gc.collect()  # a store holds its directory open: let go of the test's stores
+        if subprocess.run(["umount", view]).returncode != 0:
+            subprocess.run(["umount", "-l", view], check=True)  # never leave it mounted
+
+
+class TestReadOnlyFilesystem:
+    """States on a read-only filesystem (an inference host's image) load and list; the
+    keeper removes nothing and says why, without claiming a permission problem."""
+
+    def test_load_list_and_prune(
+        self, read_only_view: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+    ) -> None:
+        source, view = read_only_view
+        s, _ = store(source / "states")
+        s.save_state()
+        newest = s.save_state()
+        reader, blob = store(view / "states")
+        assert reader.load_latest_state() == view / "states" / newest.name
+        assert blob.loaded == b"x"
+        assert len(reader.list_states()) == 2
+        with caplog.at_level(logging.ERROR, logger="statekeep"):
+            assert LatestStatesKeeper(view / "states", max_keep=1).cleanup() == []
+        assert "read-only filesystem" in caplog.text
+        assert len(os.listdir(source / "states")) == 2
+        del s, reader, blob
+
+
+def test_a_huge_metric_does_not_stop_pruning(states_dir: Path) -> None:
+    """Metadata may hold any JSON integer; one beyond a float's range ranks as infinite
+    instead of making every keeper pass raise OverflowError (so nothing was ever pruned
+    again)."""
+    s, _ = store(states_dir)
+    huge = s.save_state(metadata={"loss": 10**400})
+    tiny = s.save_state(metadata={"loss": -(10**400)})
+    middle = [s.save_state(metadata={"loss": x}) for x in (0.5, 0.4, 0.3)]
+    keeper = LatestStatesKeeper(states_dir, policy=KeepBest("loss", 2) | KeepLatest(1))
+    assert keeper.cleanup() == [huge, middle[0], middle[1]]
+    assert {i.path for i in s.list_states()} == {tiny, middle[2]}
+    worst = LatestStatesKeeper(states_dir, policy=KeepBest("loss", 1, mode="max"))
+    assert worst.plan() == [tiny]
+
+
+class _KeepAsStrings:
+    """A user's policy that answers a list of str paths rather than a set of Paths."""
+
+    def keep(self, states: Sequence[StateInfo], now: datetime) -> list[str]:
+        return [str(s.path) for s in states[-2:]]
+
+
+def test_a_policy_answering_str_paths_keeps_them(states_dir: Path) -> None:
+    """Before: the kept states were compared as Paths, so every state a policy named as
+    str was removed (all but the newest)."""
+    s, _ = store(states_dir)
+    paths = [s.save_state() for _ in range(4)]
+    keeper = LatestStatesKeeper(states_dir, policy=_KeepAsStrings())  # type: ignore[arg-type]
+    assert keeper.cleanup() == paths[:2]
+    assert sorted(os.listdir(states_dir)) == sorted(p.name for p in paths[2:])
+    paths += [s.save_state(), s.save_state()]
+    combined = KeepLatest(1) | _KeepAsStrings()  # type: ignore[operator]
+    assert LatestStatesKeeper(states_dir, policy=combined).cleanup() == paths[2:4]
+
+
+def test_an_empty_path_reads_nothing_outside(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``verify_state("")`` and ``load_state("")`` used to open
+    ``/.statekeep-manifest.json``: "" joined to the manifest's name is a path in the
+    filesystem's root. They now refuse before opening anything."""
+    opened: list[str] = []
+    real_open = os.open
+
+    def recording(path: object, *args: object, **kw: object) -> int:
+        opened.append(os.fsdecode(path))  # type: ignore[arg-type]
+        return real_open(path, *args, **kw)  # type: ignore[arg-type]
+
+    s, _ = store(Path(tempfile.mkdtemp(prefix="statekeep-adv-")))
+    try:
+        monkeypatch.setattr(os, "open", recording)
+        with pytest.raises(FileNotFoundError, match="empty path"):
+            verify_state("")
+        with pytest.raises(FileNotFoundError, match="empty path"):
+            s.load_state("")
+        assert opened == []
+    finally:
+        monkeypatch.undo()
+        shutil.rmtree(s.states_dir)
+
+
+class TestKeeperIntervals:
+    """An interval too long for a timed wait (``inf``, ``1e300``) means one pass, then
+    waiting for ``stop()``; NaN is refused. Before: the background thread died of an
+    ``OverflowError`` after its first pass (while the keeper still said it was running,
+    so ``start()`` did nothing), and NaN made the loop spin."""
+
+    @pytest.mark.parametrize("interval", [float("inf"), 1e300])
+    def test_endless_interval(self, states_dir: Path, interval: float) -> None:
+        s, _ = store(states_dir)
+        for _ in range(3):
+            s.save_state()
+        died: list[BaseException] = []
+        old_hook = threading.excepthook
+        threading.excepthook = lambda args: died.append(args.exc_value)  # type: ignore[assignment,misc]
+        try:
+            keeper = LatestStatesKeeper(states_dir, max_keep=1, cleanup_interval=interval)
+            keeper.start()
+            thread = keeper._thread
+            assert thread is not None
+            deadline = time.monotonic() + 20
+            while len(os.listdir(states_dir)) > 1 and time.monotonic() < deadline:
+                thread.join(0.01)  # the first pass runs at once
+            assert len(os.listdir(states_dir)) == 1
+            thread.join(0.2)
+            assert thread.is_alive(), f"the keeper thread died: {died}"
+            keeper.stop()
+            assert not thread.is_alive()
+        finally:
+            threading.excepthook = old_hook
+        assert died == []
+
+    def test_nan_is_refused(self, states_dir: Path) -> None:
+        with pytest.raises(ValueError, match="cleanup_interval"):
+            LatestStatesKeeper(states_dir, cleanup_interval=float("nan"))

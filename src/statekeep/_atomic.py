@@ -412,12 +412,15 @@ def discard_committed(root: Path, path: Path) -> None:
         PermissionError: ``path`` is a directory this process may not empty (not
             listable or not writable by it: another user's, or ``chmod 000``). It is
             left where it is, visible, rather than renamed out of sight only to fail.
+        OSError: (``EROFS``) the same, because ``path`` is on a read-only filesystem.
     """
     if stat.S_ISDIR(os.lstat(path).st_mode) and not os.access(
         path, os.R_OK | os.W_OK | os.X_OK, follow_symlinks=False
     ):
         if not os.path.lexists(path):  # access() says False for a path removed meanwhile
             raise FileNotFoundError(errno.ENOENT, "already removed", str(path))
+        if os.statvfs(path).f_flag & os.ST_RDONLY:  # access() says False there too
+            raise OSError(errno.EROFS, "it is on a read-only filesystem", str(path))
         raise PermissionError(
             errno.EACCES, "a directory this user may not list or empty", str(path)
         )

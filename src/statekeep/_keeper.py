@@ -57,7 +57,7 @@ class LatestStatesKeeper:
             manifest first, then the files; debris older than an hour is reclaimed.
 
     Raises:
-        ValueError: ``cleanup_interval`` is negative, the pattern holds a ``/``, or both
+        ValueError: ``cleanup_interval`` is negative or NaN, the pattern holds a ``/``, or both
             ``policy`` and an explicit ``max_keep`` are given.
     """
 
@@ -71,7 +71,7 @@ class LatestStatesKeeper:
         policy: RetentionPolicy | None = None,
         remote: str | os.PathLike[str] | Remote | None = None,
     ) -> None:
-        if cleanup_interval < 0:
+        if not cleanup_interval >= 0:  # NaN too: it would make the loop spin
             raise ValueError(f"cleanup_interval must be >= 0, got {cleanup_interval!r}")
         if "/" in state_name_pattern or "\\" in state_name_pattern:
             raise ValueError(
@@ -94,6 +94,7 @@ class LatestStatesKeeper:
             logger.warning("statekeep: states_dir %s does not exist; creating it", self.states_dir)
             self.states_dir.mkdir(parents=True, exist_ok=True)
         self._infos: dict[tuple[str, int], tuple[StateInfo, int]] = {}
+        self._highest = 0  # the highest sequence of a sealed manifest at the last scan
         self.remote = None if remote is None else open_remote(remote)
         self._after_fork()
         _fork.on_fork_child(self._after_fork)
@@ -144,10 +145,7 @@ class LatestStatesKeeper:
             infos.append(info)
             seals[info.path] = seal
         self._infos = seen  # forget what is gone
-        if seen:
-            # A state copied in by hand may be numbered above the directory's counter:
-            # raise it, or the saves that follow would be ordered below it and pruned.
-            _sequence.catch_up(self.states_dir, max(key[1] for key in seen))
+        self._highest = max((key[1] for key in seen), default=0)
         return infos, seals
 
     def plan(self, now: datetime | None = None) -> list[Path]:
@@ -202,7 +200,12 @@ class LatestStatesKeeper:
         """
         _atomic.sweep(self.states_dir)
         removed: list[Path] = []
-        for path in self.plan():
+        planned = self.plan()
+        # A state copied in by hand may be numbered above the directory's counter: raise
+        # it (to the highest sealed manifest seen), or the saves that follow would be
+        # ordered below it and pruned. Only here: plan() writes nothing.
+        _sequence.catch_up(self.states_dir, self._highest)
+        for path in planned:
             try:
                 _atomic.discard_committed(self.states_dir, path)
             except FileNotFoundError:
@@ -225,7 +228,9 @@ class LatestStatesKeeper:
                 self.cleanup()
             except Exception:
                 logger.exception("statekeep: cleanup of %s failed; will retry", self.states_dir)
-            self._stop.wait(self.cleanup_interval)
+            # An interval too long for a timed wait (inf, 1e300) means "once": wait
+            # for stop() instead of letting the wait's OverflowError kill the thread.
+            self._stop.wait(min(self.cleanup_interval, threading.TIMEOUT_MAX))
 
     def start(self, background: bool = True) -> None:
         """Start pruning every ``cleanup_interval`` seconds.

@@ -293,6 +293,8 @@ def read_manifest(directory: str | Path) -> Manifest:
             EIO, ...), not a regular file, malformed, hostile, or from a newer format);
             the message names the manifest.
     """
+    if not os.fspath(directory):  # "" + "/<manifest>" would read from the root directory
+        raise FileNotFoundError("state '' does not exist: an empty path names no state")
     path = f"{directory}/{MANIFEST_NAME}"
     try:
         raw = _read_regular(path, MAX_MANIFEST_BYTES)

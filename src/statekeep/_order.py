@@ -11,6 +11,7 @@ among themselves, all of them below every state that has one.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -187,7 +188,11 @@ class KeepBest(_Combinable):
             value = s.metadata.get(self.metric)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
                 continue
-            scored.append((sign * float(value), age, s.path))
+            try:
+                number = float(value)
+            except OverflowError:  # an int beyond a float (metadata may hold any JSON int)
+                number = math.inf if value > 0 else -math.inf
+            scored.append((sign * number, age, s.path))
         scored.sort(key=lambda t: (t[0], t[1]))
         return {path for _, _, path in scored[: self.n]}
 
@@ -210,7 +215,7 @@ class KeepAny(_Combinable):
         """The union of what each policy keeps."""
         kept: set[Path] = set()
         for p in self.policies:
-            kept |= p.keep(states, now)
+            kept.update(Path(x) for x in p.keep(states, now))  # a list, or str paths, too
         return kept
 
 
@@ -243,7 +248,9 @@ def plan_removals(
     keep = {s.path for s in states[newest_good:]}
     candidates = list(states)
     while True:
-        chosen = policy.keep(candidates, now)
+        # A policy of the user's may answer a list, or paths as str: a kept state must
+        # never be missed for its spelling (it would be removed).
+        chosen = {Path(p) for p in policy.keep(candidates, now)}
         bad = {s.path for s in candidates if s.path in chosen and not is_good(s)}
         keep |= chosen
         if not bad:

@@ -65,7 +65,12 @@ def _get(fd: int) -> int | None:
             raise _NoXattr from exc
         raise
     text = raw.strip()
-    return int(text) if text.isdigit() and len(text) <= _MAX_DIGITS else None
+    if not text.isdigit() or len(text) > _MAX_DIGITS:
+        return None
+    value = int(text)
+    # Above what a manifest can hold, it is not a number statekeep wrote: start again
+    # above the manifests, as for a missing attribute.
+    return value if value <= _MAX_SEQUENCE else None
 
 
 def _set(fd: int, value: int) -> None:
@@ -94,12 +99,24 @@ def highest_committed(root: str) -> int:
             if order is not None:
                 heads.append((order[1], entry.path))
     heads.sort(reverse=True)
-    for _, path in heads:
+    for head in heads:
+        if head in _sealed:
+            return head[0]
         try:
-            return _manifest.read_manifest(path).sequence
+            sequence = _manifest.read_manifest(head[1]).sequence
         except (FileNotFoundError, CorruptStateError):
             continue
+        if len(_sealed) >= 4096:
+            _sealed.clear()
+        _sealed[(sequence, head[1])] = None
+        return sequence
     return 0
+
+
+# (sequence, path) of manifests read whole and sealed: a committed manifest never
+# changes, so where there are no attributes each commit reads one whole manifest only
+# when the top of the directory changed, not every time.
+_sealed: dict[tuple[int, str], None] = {}
 
 
 def _checked(value: int, root: str) -> int:
@@ -249,19 +266,23 @@ class SequenceCounter:
         States copied into the directory by hand (resuming from a backup) carry numbers
         the attribute never handed out; without this, the next save would be numbered
         below them, ordered older than they are, and pruned at once. Costs nothing when
-        ``highest`` is not above what this counter has seen. A failure to raise the
-        attribute (a read-only filesystem, a directory we may only read) is ignored: a
-        reader must not fail for it.
+        ``highest`` is not above what this counter has seen. Never waits for the
+        directory's lock, and a failure to raise the attribute (the lock is held, a
+        read-only filesystem, a directory we may only read) is ignored: a reader must
+        neither block nor fail for it.
         """
         if highest <= self._last:
             return
+        if not self._xattr:  # each commit reads the manifests: nothing to store, no lock
+            self._last = max(self._last, highest)  # (the lock is held through a commit)
+            return
         with self._lock:
-            self._last = max(self._last, highest)
-            if not self._xattr:
-                return  # each commit reads the manifests: nothing is stored
+            self._last = max(self._last, highest)  # this counter's own saves go above
             try:
                 fd = self._open()
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                # A reader never waits: if a writer (or anyone) holds the directory's
+                # lock, the attribute is raised by a later scan or keeper pass instead.
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 try:
                     current = _get(fd)
                     if current is not None and current < highest:

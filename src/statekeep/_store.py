@@ -6,10 +6,10 @@ import errno
 import logging
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from statekeep import _atomic, _commit, _manifest, _publish, _scan, _sequence
 from statekeep._order import Entry, EntryKind, StateInfo, oldest_first
@@ -25,6 +25,8 @@ from statekeep.remote import Remote, open_remote
 __all__ = ["PersistentStateMixin", "StateInfo", "StateStore", "verify_state"]
 
 logger = logging.getLogger("statekeep")
+
+_T = TypeVar("_T")
 
 _NAME_MAX = 255  # bytes in one path component on every common filesystem
 
@@ -254,50 +256,87 @@ class StateStore:
             break
         return entries
 
+    def _settled(self, pick: Callable[[list[Entry]], _T | None]) -> _T | None:
+        """``pick`` applied to a scan; when it finds nothing, scan again until two
+        listings agree.
+
+        A listing taken while states are renamed in (saves) and out (a keeper) may miss
+        both the state that went and the one that came (readdir promises nothing about
+        entries changed under it), and a state listed may be gone before it is read:
+        "nothing there" stands only when a second listing agrees with the first.
+        """
+        seen: list[str] | None = None
+        for _ in range(_MAX_RESCANS):
+            entries = self._scan()
+            found = pick(entries)
+            if found is not None:
+                return found
+            listing = [e.path for e in entries]
+            if listing == seen:
+                return None
+            seen = listing
+        raise StatekeepError(
+            f"states in {self._root} kept vanishing while listing ({_MAX_RESCANS} attempts)"
+        )
+
     def list_states(self) -> list[StateInfo]:
         """Committed states (directories with a readable manifest), oldest first.
 
         Order is the order of commits (the sequence), whatever the clock said. A
-        state whose manifest cannot be read is left out and logged once. With a
+        state whose manifest cannot be read is left out and logged once. Never empty
+        while a committed state exists, even with a keeper pruning meanwhile. With a
         remote, its states are listed too; each says where it lives (``location``).
         If the remote cannot be reached, the local states are listed (``location``
         ``"local"``) and a warning says why, once per outage.
         """
-        infos: list[StateInfo] = []
-        for entry in self._scan():
-            if entry.kind is not EntryKind.STATE:
-                continue
-            try:
-                infos.append(_scan.info_of(Path(entry.path), _scan.read_manifest(entry.path)))
-            except FileNotFoundError:
-                continue  # removed while we looked
-            except CorruptStateError as exc:
-                _scan.warn_once(entry.path, exc)
+
+        def infos(entries: list[Entry]) -> list[StateInfo] | None:
+            found: list[StateInfo] = []
+            for entry in entries:
+                if entry.kind is not EntryKind.STATE:
+                    continue
+                try:
+                    manifest = _scan.read_manifest(entry.path)
+                except FileNotFoundError:
+                    continue  # removed while we looked
+                except CorruptStateError as exc:
+                    _scan.warn_once(entry.path, exc)
+                    continue
+                found.append(_scan.info_of(Path(entry.path), manifest))
+            return found or None
+
+        local = self._settled(infos) or []
         if self._publisher is not None:
-            return self._publisher.listing(infos)
-        return infos
+            return self._publisher.listing(local)
+        return local
 
     def latest_state(self) -> Path | None:
         """The newest committed state (highest sequence with a readable manifest), or None.
 
-        With a remote, the newest of local and remote states (a remote-only state's
-        path is where :meth:`load_latest_state` would bring it).
+        None only when no committed state exists: a state pruned while we looked makes
+        the directory be listed again. With a remote, the newest of local and remote
+        states (a remote-only state's path is where :meth:`load_latest_state` would
+        bring it).
         """
         if self._publisher is not None:
             listing = self.list_states()
             return listing[-1].path if listing else None
-        for entry in reversed(self._scan()):
-            if entry.kind is not EntryKind.STATE:
-                break  # unsequenced entries are all ordered below the states
-            try:
-                _scan.read_manifest(entry.path)
-            except FileNotFoundError:
-                continue
-            except CorruptStateError as exc:
-                _scan.warn_once(entry.path, exc)
-                continue
-            return Path(entry.path)
-        return None
+
+        def newest(entries: list[Entry]) -> Path | None:
+            for entry in reversed(entries):
+                if entry.kind is not EntryKind.STATE:
+                    break  # unsequenced entries are all ordered below the states
+                try:
+                    _scan.read_manifest(entry.path)
+                except FileNotFoundError:
+                    continue
+                except CorruptStateError as exc:
+                    _scan.warn_once(entry.path, exc)
+                    continue
+                return Path(entry.path)
+            return None
+
+        return self._settled(newest)
 
     def load_latest_state(self, *, allow_missing: bool = False) -> Path | None:
         """Load the newest state that verifies; return its path, or None if none does.
