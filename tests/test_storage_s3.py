@@ -197,6 +197,23 @@ class TestFailures:
         assert isinstance(caught.value.__cause__, botocore.exceptions.ClientError)
         assert caught.value.errno == errno.EACCES
 
+    def test_each_default_client_reads_the_environment(
+        self, s3_server: S3Server, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A storage made without a client uses the credentials in the environment now,
+        not those a first client of the process found (boto3's default session)."""
+        for name, value in s3_server.env().items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+        with pytest.raises(StorageError) as caught:
+            S3CheckpointStorage(f"s3://{s3_bucket}").save("s", {})
+        assert caught.value.errno == errno.EACCES
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+        storage = S3CheckpointStorage(f"s3://{s3_bucket}")
+        storage.save("s", {"ok": True})
+        assert storage.load("s") == {"ok": True}
+        storage.close()
+
     def test_a_dead_endpoint_fails_within_the_timeout(
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:

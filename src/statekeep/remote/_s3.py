@@ -94,7 +94,7 @@ class S3Remote:
         import botocore.config  # type: ignore[import-untyped,unused-ignore]
 
         config = botocore.config.Config(max_pool_connections=4 * self.max_in_flight)
-        return boto3.client("s3", config=config)
+        return boto3.session.Session().client("s3", config=config)  # environment read now
 
     def _forget_client(self) -> None:
         # A forked child must not share the parent's connections: it makes its own client

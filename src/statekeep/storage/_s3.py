@@ -97,7 +97,9 @@ def default_client() -> Any:
     boto3, _ = _boto3()
     from botocore.config import Config
 
-    return boto3.client(
+    # a session of its own: boto3.client() would reuse the default session, whose
+    # credentials are resolved once per process (later changes to the environment unseen)
+    return boto3.session.Session().client(
         "s3",
         config=Config(
             connect_timeout=5,
