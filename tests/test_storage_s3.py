@@ -214,6 +214,13 @@ class TestFailures:
         assert storage.load("s") == {"ok": True}
         storage.close()
 
+    def test_one_session_while_the_environment_stays(self) -> None:
+        """Clients made from an unchanged environment share one boto3 session (a new
+        session loads the service model again: about 100 ms)."""
+        from statekeep.storage._s3 import env_session
+
+        assert env_session() is env_session()
+
     def test_a_dead_endpoint_fails_within_the_timeout(
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 import threading
 import time
 from collections.abc import Iterable
@@ -88,18 +89,65 @@ def _boto3() -> Any:
     return boto3, botocore.exceptions
 
 
+# What boto3 reads from the environment to find a server and credentials.
+_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+)
+
+
+class _Sessions:
+    """One boto3 session per state of the environment, shared by the clients made from it.
+
+    ``boto3.client()`` uses boto3's default session, which resolves credentials once per
+    process: a client made after the environment changed would still use the old ones.
+    A new session per client would see the change but costs about 100 ms (it loads the
+    service model again). So a session is reused while the AWS variables stay the same.
+    """
+
+    def __init__(self) -> None:
+        self._lock = _fork.new_lock()
+        self._made: tuple[tuple[str | None, ...], Any] | None = None
+        _fork.on_fork_child(self._after_fork)
+
+    def _after_fork(self) -> None:
+        self._lock = _fork.new_lock()
+
+    def get(self) -> Any:
+        boto3, _ = _boto3()
+        env = tuple(os.environ.get(name) for name in _ENV)
+        with self._lock:  # a boto3 session is not thread-safe: one client made at a time
+            if self._made is None or self._made[0] != env:
+                self._made = (env, boto3.session.Session())
+            return self._made[1]
+
+
+_SESSIONS = _Sessions()
+
+
+def env_session() -> Any:
+    """The boto3 session for the environment as it is now (see :class:`_Sessions`)."""
+    return _SESSIONS.get()
+
+
 def default_client() -> Any:
     """A boto3 S3 client configured from the environment, with short timeouts.
 
     Connect within 5 s, read within 30 s, and three attempts in all, so a dead
     endpoint fails in seconds instead of hanging.
     """
-    boto3, _ = _boto3()
     from botocore.config import Config
 
-    # a session of its own: boto3.client() would reuse the default session, whose
-    # credentials are resolved once per process (later changes to the environment unseen)
-    return boto3.session.Session().client(
+    return env_session().client(
         "s3",
         config=Config(
             connect_timeout=5,
