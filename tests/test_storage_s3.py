@@ -248,13 +248,11 @@ class TestFailures:
 
 
 class TestSmallPuts:
-    """statekeep's small PUTs skip botocore's ``Expect: 100-continue`` (a round trip of its
-    own); large ones and the client's other requests keep it."""
+    """``put_small`` (S3Remote's create-only PUTs) skips botocore's ``Expect:
+    100-continue`` round trip; the client's other requests and checkpoint saves keep it."""
 
-    def test_expect_only_where_it_pays(
-        self, url: str, s3_client: Any, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
-        from statekeep.storage import _s3
+    def test_expect_only_where_it_pays(self, url: str, s3_client: Any, s3_bucket: str) -> None:
+        from statekeep.storage._s3 import put_small
 
         sent: list[tuple[str, bool]] = []
 
@@ -264,20 +262,16 @@ class TestSmallPuts:
         storage = S3CheckpointStorage(url, client=s3_client)
         s3_client.meta.events.register_last("before-send.s3.PutObject", record)
         try:
-            storage.save("small", {"v": "x" * 1000})
+            put_small(s3_client, Bucket=s3_bucket, Key="small", Body=b"x" * 1000)
             s3_client.put_object(Bucket=s3_bucket, Key="theirs", Body=b"x" * 1000)
-            monkeypatch.setattr(_s3, "SMALL_PUT", 100)
-            storage.save("large", {"v": "x" * 1000})
+            storage.save("s", {"v": "x" * 1000})
         finally:
             s3_client.meta.events.unregister("before-send.s3.PutObject", record)
-        small, large = storage._name("small"), storage._name("large")
-        assert sent == [
-            (small.rsplit("/", 1)[-1], False),
-            ("theirs", True),
-            (large.rsplit("/", 1)[-1], True),
-        ]
-        assert storage.load("small") == {"v": "x" * 1000}
-        assert storage.load("large") == {"v": "x" * 1000}
+        name = storage._name("s").rsplit("/", 1)[-1]
+        assert sent == [("small", False), ("theirs", True), (name, True)]
+        body = s3_client.get_object(Bucket=s3_bucket, Key="small")["Body"].read()
+        assert body == b"x" * 1000
+        assert storage.load("s") == {"v": "x" * 1000}
 
 
 class TestConflictRetry:

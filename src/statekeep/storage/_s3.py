@@ -51,7 +51,10 @@ def put_small(client: Any, **params: Any) -> Any:
 
     Only statekeep's own PUTs are changed: the hook added to the client (once) acts
     only inside this call, in this thread; every other request of the client is as it
-    was.
+    was. Used for create-only writes (:class:`~statekeep.remote.S3Remote`), where a
+    request that lands after its sender died is harmless. Not for checkpoint saves,
+    which overwrite: a killed client's save landing late must stay as unlikely as it
+    is with botocore's default.
     """
     client.meta.events.register(
         "before-send.s3.PutObject", _drop_expect, unique_id="statekeep-small-put"
@@ -268,11 +271,10 @@ class S3CheckpointStorage(BaseCheckpointStorage):
     def _write(self, name: str, blob: bytes) -> None:
         for attempt in range(_CONFLICT_RETRIES):
             try:
-                params = {"Bucket": self.bucket, "Key": name, "Body": blob}
-                if len(blob) <= SMALL_PUT:
-                    put_small(self.client, **params)
-                else:
-                    self.client.put_object(**params)
+                # botocore's default (Expect: 100-continue) kept: see put_small
+                self.client.put_object(
+                    Bucket=self.bucket, Key=name, Body=blob, ContentType="application/json"
+                )
                 return
             except self._client_error as exc:
                 # AWS answers 409 ConditionalRequestConflict to a PUT racing another
