@@ -490,6 +490,14 @@ class TestVerify:
         flip_bit(states / "step-2.state" / "model")
         assert run("verify", states / "step-2.state").returncode == 1
 
+    def test_one_state_by_its_path_reports_as_by_its_dir(self, states: Path) -> None:
+        by_path = run("verify", states / "step-2.state", "--json")
+        by_dir = run("verify", states, "step-2.state", "--json")
+        assert by_path.returncode == by_dir.returncode == 0, by_path.stderr + by_dir.stderr
+        one = json.loads(by_path.stdout)["states"]
+        assert one == json.loads(by_dir.stdout)["states"]
+        assert [(r["name"], r["status"]) for r in one] == [("step-2.state", "verified")]
+
     def test_unreadable_file_is_damaged_not_a_crash(self, nobody_dir: Path) -> None:
         root = nobody_dir / "states"
         make_store(root, 2)

@@ -55,6 +55,7 @@ assert (back.last_processed_row, back.total_rows, back.data) == (41, 100, {"k": 
 
 PRELUDES = {
     "README.md": "",
+    "docs/index.md": "",
     "docs/checkpoints.md": CHECKPOINT_PRELUDE,
     "docs/coming-from-ondine.md": CHECKPOINT_PRELUDE + ONDINE_FILE,
     "docs/coming-from-pamiq-core.md": """
@@ -88,3 +89,27 @@ def test_page_blocks_run(page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPa
                 if callable(close) and type(value).__module__.startswith("statekeep"):
                     close()
     exec(compile(POSTLUDES.get(page, ""), f"{page} postlude", "exec"), namespace)
+
+
+# Pages whose ```python blocks another test module runs (with servers, subprocesses or
+# fixtures of its own).
+RUN_ELSEWHERE = {
+    "docs/across-machines.md": "test_storage_docs.py",
+    "docs/coming-from-crawlee.md": "test_recoverable_docs.py",
+    "docs/command-line.md": "test_cli.py",
+    "docs/getting-started.md": "test_docs_snapshots.py",
+    "docs/object-storage.md": "test_remote_docs.py",
+    "docs/recoverable-state.md": "test_recoverable_docs.py",
+    "docs/retention.md": "test_docs_snapshots.py",
+    "docs/writing-a-backend.md": "test_testing.py",
+}
+
+
+def test_every_page_with_python_blocks_is_run_by_a_test() -> None:
+    """A page whose ```python blocks no test runs would drift from the code unseen."""
+    pages = ["README.md", *(f"docs/{p.name}" for p in sorted((ROOT / "docs").glob("*.md")))]
+    with_blocks = {page for page in pages if python_blocks(page)}
+    assert with_blocks == set(PRELUDES) | set(RUN_ELSEWHERE)
+    for page, module in RUN_ELSEWHERE.items():
+        text = (ROOT / "tests" / module).read_text(encoding="utf-8")
+        assert page.rsplit("/", 1)[-1] in text, f"{module} does not name {page}"

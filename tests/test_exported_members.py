@@ -153,22 +153,28 @@ class TestDocumentation:
         if rendered is not None:
             assert set(statekeep.__all__) - rendered == set()
 
-    def test_testing_module_is_documented(self) -> None:
-        """Some docs page renders every name of statekeep.testing."""
-        testing = importlib.import_module("statekeep.testing")
-        rendered: set[str] = set()
-        for page in sorted(API_PAGE.parent.glob("*.md")):
-            blocks = documented_names(page.read_text(encoding="utf-8"))
-            if "statekeep.testing" in blocks:
-                block = blocks["statekeep.testing"]
-                rendered |= set(testing.__all__) if block is None else block
-        assert set(testing.__all__) - rendered == set()
+    @pytest.mark.parametrize("module", ["statekeep.remote", "statekeep.testing"])
+    def test_api_page_renders_every_name_of(self, module: str) -> None:
+        """docs/api.md renders every name of the public subpackages that statekeep does not
+        re-export."""
+        names = set(importlib.import_module(module).__all__)
+        blocks = documented_names(API_PAGE.read_text(encoding="utf-8"))
+        assert module in blocks, f"docs/api.md has no ::: {module} block"
+        block = blocks[module]
+        assert names - (names if block is None else block) == set()
 
     def test_changelog_records_every_name(self) -> None:
-        """Each exported name appears in CHANGELOG.md."""
+        """Each public name (statekeep, statekeep.remote, statekeep.testing) appears in
+        CHANGELOG.md's [Unreleased] section."""
         changelog = CHANGELOG.read_text(encoding="utf-8")
-        missing = {n for n in statekeep.__all__ if not re.search(rf"\b{n}\b", changelog)}
-        assert missing == set(), f"CHANGELOG.md does not mention {sorted(missing)}"
+        unreleased = changelog.split("## [Unreleased]", 1)[1].split("\n## [", 1)[0]
+        public = {
+            *statekeep.__all__,
+            *importlib.import_module("statekeep.remote").__all__,
+            *importlib.import_module("statekeep.testing").__all__,
+        }
+        missing = {n for n in public if not re.search(rf"\b{n}\b", unreleased)}
+        assert missing == set(), f"CHANGELOG.md [Unreleased] does not mention {sorted(missing)}"
 
 
 class TestDocumentedNamesParser:

@@ -178,7 +178,7 @@ class TestKeeperWithRemote:
         assert [s.name for s in _remote_states.read_remote_states(remote)[0]] == before
         keeper.cleanup()
         after = [s.name for s in _remote_states.read_remote_states(remote)[0]]
-        assert sorted(set(before) - set(after)) == sorted(planned)  # %f names wrap each second
+        assert sorted(set(before) - set(after)) == sorted(planned)  # %f names do not sort
         assert LatestStatesKeeper(tmp_path / "m1", max_keep=2).plan_remote() == []
 
 

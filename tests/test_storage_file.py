@@ -293,6 +293,18 @@ class TestCorruption:
         with pytest.raises(CorruptCheckpointError, match="not a JSON object"):
             storage.load("victim")
 
+    def test_load_and_load_with_info_name_the_session_and_the_file(
+        self, saved: tuple[FileCheckpointStorage, Path, bytes]
+    ) -> None:
+        """Both readers report a damaged payload alike: session, file, and "is corrupt"."""
+        storage, path, raw = saved
+        path.write_bytes(raw[:-2] + bytes([raw[-2] ^ 0x01]) + raw[-1:])
+        expected = re.escape(f"checkpoint of session 'victim' at {path} is corrupt: ")
+        with pytest.raises(CorruptCheckpointError, match=expected):
+            storage.load("victim")
+        with pytest.raises(CorruptCheckpointError, match=expected):
+            storage.load_with_info("victim")
+
     def test_listing_skips_a_corrupt_file_and_logs_it(
         self, saved: tuple[FileCheckpointStorage, Path, bytes], caplog: pytest.LogCaptureFixture
     ) -> None:

@@ -530,6 +530,18 @@ def write_all(fd: int, chunks: Iterable[bytes | memoryview]) -> None:
                 batch[0] = batch[0][done:]
 
 
+def create_file(path: str, chunks: Iterable[bytes], *, durable: bool) -> None:
+    """Create ``path``, which must not exist yet, holding ``chunks``; fully synced with
+    ``durable``. A manifest is written so, into the work entry it seals."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW, 0o644)
+    try:
+        write_all(fd, chunks)
+        if durable:
+            full_fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def sync_parent_after_commit(final: str | os.PathLike[str], what: str) -> None:
     """fsync the directory that names ``final``, which was just renamed into place.
 

@@ -10,7 +10,6 @@ manifest last, and renames the build to its final name, never over an existing o
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -99,15 +98,7 @@ class BuildDir:
             with counter.take() as sequence:
                 manifest = Manifest(datetime.now(timezone.utc), sequence, entries, metadata=meta)
                 raw = manifest.to_bytes()
-                fd = os.open(
-                    f"{self.spath}/{MANIFEST_NAME}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644
-                )
-                try:
-                    _atomic.write_all(fd, [raw])
-                    if self.durable:
-                        _atomic.full_fsync(fd)
-                finally:
-                    os.close(fd)
+                _atomic.create_file(f"{self.spath}/{MANIFEST_NAME}", [raw], durable=self.durable)
                 if self.durable:
                     _atomic.full_fsync(self._work.fd)  # the build directory itself
                 _atomic.rename_noreplace(self.spath, final)

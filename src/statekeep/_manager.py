@@ -39,7 +39,7 @@ class _Policy:
     seconds: float | None
 
     def next_due(self, saved_row: int, saved_at: float) -> tuple[int, float | None]:
-        """The row count and clock reading at which a checkpoint is next due."""
+        """The row index and clock reading at which a checkpoint is next due."""
         return saved_row + self.rows, None if self.seconds is None else saved_at + self.seconds
 
 
@@ -301,5 +301,5 @@ class StateManager(Generic[ContextT]):
         return deleted
 
     def list_checkpoints(self) -> list[CheckpointInfo]:
-        """Every checkpoint in the storage, with its metadata (rows done, total rows)."""
+        """Every checkpoint in the storage, with its metadata (``last_processed_row``, ...)."""
         return self._storage.list_checkpoints()

@@ -84,7 +84,7 @@ def _download_file(
                 f" manifest says {entry.crc32:08x}"
             )
         if durable:
-            os.fsync(fd)
+            _atomic.full_fsync(fd)
     finally:
         os.close(fd)
 
@@ -167,18 +167,12 @@ def restore_state(
                     f"remote state {rs.name}: cannot restore a file: {first}"
                 ) from first
             raise first
-        fd = os.open(f"{work.spath}/{MANIFEST_NAME}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            _atomic.write_all(fd, [rs.raw])
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        if durable:
+        _atomic.create_file(f"{work.spath}/{MANIFEST_NAME}", [rs.raw], durable=durable)
+        if durable:  # synced as a local commit syncs (F_FULLFSYNC on macOS)
             for entry in rs.manifest.entries:
                 if entry.is_dir:
                     _atomic.fsync_dir(f"{work.spath}/{entry.path}")
-            os.fsync(work.fd)
+            _atomic.full_fsync(work.fd)
         swapped = replacing is not None and replacing(work.spath, final)
         if not swapped:
             _atomic.rename_noreplace(work.spath, final)

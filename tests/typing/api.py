@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID, uuid4
 
 import pydantic
+import pytest
 from typing_extensions import assert_type
 
 from statekeep import (
+    BaseCheckpointStorage,
     CheckpointInfo,
     CheckpointStorage,
     CorruptCheckpointError,
@@ -32,8 +34,10 @@ from statekeep import (
     MemoryCheckpointStorage,
     MissingComponentsError,
     PersistentStateMixin,
+    PostgresCheckpointStorage,
     RecoverableState,
     RetentionPolicy,
+    S3CheckpointStorage,
     SQLiteCheckpointStorage,
     StateExistsError,
     StateInfo,
@@ -43,7 +47,23 @@ from statekeep import (
     StateValidationError,
     StateVersionError,
     StorageError,
+    load_pickle,
+    save_pickle,
     verify_state,
+)
+from statekeep.remote import (
+    DirectoryRemote,
+    Remote,
+    RemoteObject,
+    S3Remote,
+    Source,
+    check_key,
+    open_remote,
+)
+from statekeep.testing import (
+    AWKWARD_IDS,
+    CheckpointStorageContract,
+    PersistentCheckpointStorageContract,
 )
 
 # --- snapshots ---------------------------------------------------------------------
@@ -102,6 +122,44 @@ def retention(states_dir: Path, store: StateStore) -> None:
         store.load_latest_state()
     except MissingComponentsError as exc:
         assert_type(exc.missing, tuple[str, ...])
+
+
+def pickles(path: Path) -> None:
+    save_pickle({"weights": [1.0, 2.0]}, path)
+    save_pickle([1], str(path))
+    assert_type(load_pickle(path), Any)
+
+
+# --- snapshots on object storage -----------------------------------------------------
+
+
+def remotes(states_dir: Path, shared: Path, source: Source) -> None:
+    remote: Remote = DirectoryRemote(shared, durable=False)
+    remote = S3Remote("s3://bucket/prefix", part_size=16 << 20, max_in_flight=2)
+    assert_type(open_remote("s3://bucket/prefix"), Remote)
+    assert_type(open_remote(shared), Remote)
+    assert_type(open_remote(remote), Remote)
+    assert_type(check_key("states/a.state/MANIFEST"), str)
+    remote.put_if_absent("k", source, 10)
+    assert_type(remote.get("k", start=2, length=4), bytes)
+    for found in remote.list("states/", start_after="states/a"):
+        assert_type(found, RemoteObject)
+        assert_type(found.key, str)
+        assert_type(found.size, int)
+        assert_type(found.modified, datetime)
+    remote.delete(["k"])
+    with open(shared / "blob", "rb") as binary:
+        remote.put_if_absent("blob", binary, 4)  # a binary file is a Source
+
+    store = StateStore(states_dir, remote=remote)
+    StateStore(states_dir, remote="s3://bucket/prefix")
+    StateStore(states_dir, remote=shared)
+    assert_type(store.publish_pending(), list[Path])
+    for info in store.list_states():
+        assert_type(info.location, Literal["local", "remote", "both"])
+    keeper = LatestStatesKeeper(states_dir, max_keep=2, remote=remote)
+    assert_type(keeper.plan_remote(), list[str])
+    assert_type(keeper.plan_remote(datetime.now(timezone.utc)), list[str])
 
 
 # --- errors --------------------------------------------------------------------------
@@ -195,6 +253,41 @@ def storages(tmp: Path) -> None:
         db.close()
 
 
+class BlobStorage(BaseCheckpointStorage):
+    """A user's own backend on the public base: four raw methods over named blobs."""
+
+    def __init__(self) -> None:
+        self.blobs: dict[str, bytes] = {}
+
+    def _read(self, name: str) -> bytes | None:
+        return self.blobs.get(name)
+
+    def _write(self, name: str, blob: bytes) -> None:
+        self.blobs[name] = blob
+
+    def _remove(self, name: str) -> bool:
+        return self.blobs.pop(name, None) is not None
+
+    def _names(self) -> Iterable[str]:
+        return list(self.blobs)
+
+
+def remote_storages() -> None:
+    based: list[BaseCheckpointStorage] = [
+        BlobStorage(),
+        S3CheckpointStorage("s3://bucket/checkpoints/"),
+        S3CheckpointStorage("s3://bucket", client=object()),
+        PostgresCheckpointStorage("postgresql://127.0.0.1/app"),
+        PostgresCheckpointStorage("dbname=app", table="my_checkpoints"),
+    ]
+    for storage in based:
+        protocol: CheckpointStorage = storage
+        del protocol
+        assert_type(storage.delete_older_than(timedelta(days=7)), int)
+        assert_type(storage.load_with_info("job-1"), tuple[dict[str, Any], CheckpointInfo] | None)
+        storage.close()
+
+
 # --- StateManager ------------------------------------------------------------------
 
 
@@ -265,3 +358,26 @@ def recoverable(storage: CheckpointStorage) -> None:
     with RecoverableState(default_state=Progress(), persist_state_key="other") as entered:
         assert_type(entered, RecoverableState[Progress])
         assert_type(entered.current_value.done, list[str])
+
+
+# --- statekeep.testing -------------------------------------------------------------
+
+
+class TestBlobStorage(PersistentCheckpointStorageContract):
+    """The conformance suite over a user's backend, as writing-a-backend.md shows it."""
+
+    @pytest.fixture
+    def make_storage(self, tmp_path: Path) -> Callable[[], CheckpointStorage]:
+        return BlobStorage
+
+
+class TestDictStorage(CheckpointStorageContract):
+    @pytest.fixture
+    def make_storage(self) -> Callable[[], CheckpointStorage]:
+        return DictStorage
+
+
+def awkward_ids() -> None:
+    assert_type(AWKWARD_IDS, tuple[str, ...])
+    for session_id in AWKWARD_IDS:
+        MemoryCheckpointStorage().save(session_id, {})

@@ -289,20 +289,7 @@ def _one(path: Path) -> Row:
         return Row(path.name, str(path), None, None, 0, "damaged", str(exc))
     except FileNotFoundError:
         fail(f"{path}: no such state")
-    created = m.created_at.astimezone(timezone.utc)
-    meta = _compat.metadata_of(m)
-    where = str(path)
-    return Row(
-        path.name,
-        where,
-        m.sequence,
-        created,
-        m.size_bytes,
-        "unverified",
-        None,
-        meta,
-        check=partial(verify_state, where),
-    )
+    return _row(Scanned(str(path), path.name, m, None, 0.0))
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

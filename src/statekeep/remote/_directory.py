@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from statekeep import _atomic
 from statekeep.errors import StateExistsError, StorageError
 from statekeep.remote._base import RemoteObject, Source, check_key
 
@@ -99,9 +100,7 @@ class DirectoryRemote:
                             f"put of {key!r} in {self.root}: the source ended"
                             f" {left} bytes short of {size}"
                         )
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(fd, view) :]
+                    _atomic.write_all(fd, [chunk])
                     left -= len(chunk)
                 if self.durable:
                     os.fsync(fd)

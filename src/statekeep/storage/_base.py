@@ -151,9 +151,7 @@ class BaseCheckpointStorage:
                 payload = self._get(key)
                 return None if payload is None else _decode_payload(payload)
             except _envelope.Damaged as exc:
-                raise CorruptCheckpointError(
-                    f"checkpoint of session {key!r} at {self._where(key)} is corrupt: {exc}"
-                ) from None
+                raise self._corrupt(key, exc) from None
 
     def load_with_info(
         self, session_id: str | UUID
@@ -182,9 +180,12 @@ class BaseCheckpointStorage:
                 payload, info = found
                 return _decode_payload(payload), info
             except _envelope.Damaged as exc:
-                raise CorruptCheckpointError(
-                    f"checkpoint of session {key!r} at {self._where(key)} is corrupt: {exc}"
-                ) from None
+                raise self._corrupt(key, exc) from None
+
+    def _corrupt(self, key: str, exc: _envelope.Damaged) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"checkpoint of session {key!r} at {self._where(key)} is corrupt: {exc}"
+        )
 
     def exists(self, session_id: str | UUID) -> bool:
         """Whether the session has a checkpoint (whole or not)."""
