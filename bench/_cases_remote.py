@@ -30,6 +30,12 @@ def _value(size: int) -> dict[str, Any]:
     return {"step": 1, "blob": "x" * max(0, size - 24)}
 
 
+def _repeat(size: int, repeat: int) -> int:
+    """Calls per sample: ten times more for small values, whose calls take tens of
+    microseconds (PostgreSQL) to a few milliseconds, so one sample is not one jitter."""
+    return repeat * 10 if size <= 64 << 10 else repeat
+
+
 def _s3_cases(server: servers.S3Server, sizes: dict[str, int], repeat: int) -> list[Case]:
     client = server.client()
     bucket = server.new_bucket()
@@ -39,27 +45,28 @@ def _s3_cases(server: servers.S3Server, sizes: dict[str, int], repeat: int) -> l
         value = _value(size)
         body = json.dumps(value, separators=(",", ":")).encode()
         key = f"raw/{label}"
+        reps = _repeat(size, repeat)
         storage.save(f"s-{label}", value)
         client.put_object(Bucket=bucket, Key=key, Body=body)
 
-        def save(v: dict[str, Any] = value, sid: str = f"s-{label}") -> float:
-            return timed(lambda: storage.save(sid, v), repeat)
+        def save(v: dict[str, Any] = value, sid: str = f"s-{label}", n: int = reps) -> float:
+            return timed(lambda: storage.save(sid, v), n)
 
-        def load(sid: str = f"s-{label}") -> float:
-            return timed(lambda: storage.load(sid), repeat)
+        def load(sid: str = f"s-{label}", n: int = reps) -> float:
+            return timed(lambda: storage.load(sid), n)
 
-        def put(k: str = key, v: dict[str, Any] = value) -> float:
+        def put(k: str = key, v: dict[str, Any] = value, n: int = reps) -> float:
             def op() -> object:
                 body = json.dumps(v, separators=(",", ":")).encode()
                 return client.put_object(Bucket=bucket, Key=k, Body=body)
 
-            return timed(op, repeat)
+            return timed(op, n)
 
-        def get(k: str = key) -> float:
+        def get(k: str = key, n: int = reps) -> float:
             def op() -> object:
                 return json.loads(client.get_object(Bucket=bucket, Key=k)["Body"].read())
 
-            return timed(op, repeat)
+            return timed(op, n)
 
         cases += [
             Case(f"s3_raw_put_{label}", f"json + raw put_object {label}", put, nbytes=size),
@@ -81,28 +88,29 @@ def _pg_cases(server: servers.PostgresServer, sizes: dict[str, int], repeat: int
     for label, size in sizes.items():
         value = _value(size)
         body = json.dumps(value, separators=(",", ":")).encode()
+        reps = _repeat(size, repeat)
         storage.save(f"s-{label}", value)
         upsert = "INSERT INTO raw VALUES (%s, %s) ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v"
         conn.execute(upsert, (label, body))
 
-        def save(v: dict[str, Any] = value, sid: str = f"s-{label}") -> float:
-            return timed(lambda: storage.save(sid, v), repeat)
+        def save(v: dict[str, Any] = value, sid: str = f"s-{label}", n: int = reps) -> float:
+            return timed(lambda: storage.save(sid, v), n)
 
-        def load(sid: str = f"s-{label}") -> float:
-            return timed(lambda: storage.load(sid), repeat)
+        def load(sid: str = f"s-{label}", n: int = reps) -> float:
+            return timed(lambda: storage.load(sid), n)
 
-        def put(k: str = label, v: dict[str, Any] = value, q: str = upsert) -> float:
+        def put(k: str = label, v: dict[str, Any] = value, q: str = upsert, n: int = reps) -> float:
             def op() -> object:
                 return conn.execute(q, (k, json.dumps(v, separators=(",", ":")).encode()))
 
-            return timed(op, repeat)
+            return timed(op, n)
 
-        def get(k: str = label) -> float:
+        def get(k: str = label, n: int = reps) -> float:
             def select() -> object:
                 row = conn.execute("SELECT v FROM raw WHERE k = %s", (k,)).fetchone()
                 return json.loads(bytes(row[0])) if row else None
 
-            return timed(select, repeat)
+            return timed(select, n)
 
         cases += [
             Case(f"pg_raw_upsert_{label}", f"json + raw upsert {label}", put, nbytes=size),

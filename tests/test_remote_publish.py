@@ -8,6 +8,7 @@ import os
 import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -108,6 +109,49 @@ class TestPublishRestore:
         assert len(seen) == 1 + len(FILES)
         assert _remote_states.read_remote_states(dir_remote) == ([], [])
         assert list(dir_remote.list("")) == []
+
+    @pytest.mark.parametrize("failing", ["model.pt", "tree/a", "tree/sub/b", "small"])
+    def test_a_failed_upload_in_any_thread_deletes_every_other(
+        self, dir_remote: DirectoryRemote, tmp_path: Path, failing: str
+    ) -> None:
+        """Whichever file fails (the one the calling thread uploads or a pool thread's),
+        the publish waits for every upload, deletes those that landed, leaves no thread."""
+        state = commit(tmp_path / "a", FILES, "s.state")
+        real_put = dir_remote.put_if_absent
+        landed: list[str] = []
+
+        def put(key: str, source: object, size: int) -> None:
+            if key.endswith("/" + failing):
+                raise StorageError(f"injected: the upload of {failing} fails")
+            real_put(key, source, size)  # type: ignore[arg-type]
+            landed.append(key)
+
+        dir_remote.put_if_absent = put  # type: ignore[method-assign]
+        with pytest.raises(StorageError, match="injected"):
+            _publish.publish_state(dir_remote, state)
+        assert len(landed) == len(FILES) - 1  # the others all ran to the end
+        assert list(dir_remote.list("")) == []
+        assert not [t for t in threading.enumerate() if t.name.startswith("statekeep-publish")]
+
+    def test_small_puts_skip_the_continue_round_trip(
+        self, s3_bucket: str, s3_client: Any, tmp_path: Path
+    ) -> None:
+        """On S3 each small file and the manifest go up in one request, without botocore's
+        ``Expect: 100-continue`` (which waits a round trip before sending the body)."""
+        remote = S3Remote(f"s3://{s3_bucket}/pub", client=s3_client)
+        state = commit(tmp_path / "a", FILES, "s.state")
+        sent: list[tuple[str, bool]] = []
+
+        def record(request: Any, **_: Any) -> None:
+            sent.append((request.url, "Expect" in request.headers))
+
+        s3_client.meta.events.register_last("before-send.s3.PutObject", record)
+        try:
+            _publish.publish_state(remote, state)
+        finally:
+            s3_client.meta.events.unregister("before-send.s3.PutObject", record)
+        assert len(sent) == len(FILES) + 1
+        assert [url for url, expect in sent if expect] == []
 
     def test_local_damage_is_not_published(self, remote: Remote, tmp_path: Path) -> None:
         """A committed state whose file changed since is refused; nothing is published."""

@@ -8,6 +8,7 @@ import os
 import threading
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
@@ -184,6 +185,29 @@ class TestDamage:
         storage.close()
 
 
+class TestRoundTrips:
+    """A save and a load are one round trip each, prepared statements once warm."""
+
+    def test_one_round_trip_each_prepared(self, postgres_db: str, tmp_path: Path) -> None:
+        storage = PostgresCheckpointStorage(postgres_db)
+        for n in range(8):  # past psycopg's prepare threshold
+            storage.save("s", {"n": n})
+            storage.load("s")
+        with open(tmp_path / "trace", "w+b") as trace:
+            storage._conn.pgconn.trace(trace.fileno())  # libpq's log of protocol messages
+            try:
+                storage.save("s", {"n": "last"})
+                assert storage.load("s") == {"n": "last"}
+            finally:
+                storage._conn.pgconn.untrace()
+            trace.seek(0)
+            sent = [ln.split("\t")[3] for ln in trace.read().decode().splitlines() if "\tF\t" in ln]
+        assert sent.count("Sync") == 2, sent  # one statement per call, nothing else
+        assert "Parse" not in sent, sent  # both ran prepared
+        assert "Query" not in sent, sent  # no BEGIN/COMMIT or other simple query
+        storage.close()
+
+
 class TestFailures:
     """Connection failures are StorageError with the psycopg error as __cause__."""
 
@@ -203,6 +227,22 @@ class TestFailures:
         assert done.wait(20), "opening a storage on a dead server hung"
         assert isinstance(errors[0], StorageError), errors
         assert isinstance(errors[0].__cause__, psycopg.OperationalError)
+
+    def test_a_killed_session_fails_once_then_reconnects(self, postgres_db: str) -> None:
+        """The call that meets a dead connection fails with StorageError; the next one
+        runs on a new connection (and a new cursor: the old one died with its session)."""
+        storage = PostgresCheckpointStorage(postgres_db)
+        storage.save("s", {"n": 1})
+        old = storage._conn
+        with psycopg.connect(postgres_db, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (old.info.backend_pid,))
+        with pytest.raises(StorageError) as caught:
+            storage.load("s")
+        assert isinstance(caught.value.__cause__, psycopg.OperationalError)
+        storage.save("s", {"n": 2})
+        assert storage.load("s") == {"n": 2}
+        assert storage._conn is not old
+        storage.close()
 
     def test_a_missing_database(self, postgres_server: PostgresServer) -> None:
         with pytest.raises(StorageError, match="no_such_db") as caught:

@@ -197,6 +197,30 @@ class TestFailures:
         assert isinstance(caught.value.__cause__, botocore.exceptions.ClientError)
         assert caught.value.errno == errno.EACCES
 
+    def test_each_default_client_reads_the_environment(
+        self, s3_server: S3Server, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A storage made without a client uses the credentials in the environment now,
+        not those a first client of the process found (boto3's default session)."""
+        for name, value in s3_server.env().items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+        with pytest.raises(StorageError) as caught:
+            S3CheckpointStorage(f"s3://{s3_bucket}").save("s", {})
+        assert caught.value.errno == errno.EACCES
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+        storage = S3CheckpointStorage(f"s3://{s3_bucket}")
+        storage.save("s", {"ok": True})
+        assert storage.load("s") == {"ok": True}
+        storage.close()
+
+    def test_one_session_while_the_environment_stays(self) -> None:
+        """Clients made from an unchanged environment share one boto3 session (a new
+        session loads the service model again: about 100 ms)."""
+        from statekeep.storage._s3 import env_session
+
+        assert env_session() is env_session()
+
     def test_a_dead_endpoint_fails_within_the_timeout(
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:
@@ -221,6 +245,33 @@ class TestFailures:
         assert isinstance(errors[0], StorageError), errors
         assert errors[0].__cause__ is not None
         storage.close()
+
+
+class TestSmallPuts:
+    """``put_small`` (S3Remote's create-only PUTs) skips botocore's ``Expect:
+    100-continue`` round trip; the client's other requests and checkpoint saves keep it."""
+
+    def test_expect_only_where_it_pays(self, url: str, s3_client: Any, s3_bucket: str) -> None:
+        from statekeep.storage._s3 import put_small
+
+        sent: list[tuple[str, bool]] = []
+
+        def record(request: Any, **_: Any) -> None:
+            sent.append((request.url.rsplit("/", 1)[-1], "Expect" in request.headers))
+
+        storage = S3CheckpointStorage(url, client=s3_client)
+        s3_client.meta.events.register_last("before-send.s3.PutObject", record)
+        try:
+            put_small(s3_client, Bucket=s3_bucket, Key="small", Body=b"x" * 1000)
+            s3_client.put_object(Bucket=s3_bucket, Key="theirs", Body=b"x" * 1000)
+            storage.save("s", {"v": "x" * 1000})
+        finally:
+            s3_client.meta.events.unregister("before-send.s3.PutObject", record)
+        name = storage._name("s").rsplit("/", 1)[-1]
+        assert sent == [("small", False), ("theirs", True), (name, True)]
+        body = s3_client.get_object(Bucket=s3_bucket, Key="small")["Body"].read()
+        assert body == b"x" * 1000
+        assert storage.load("s") == {"v": "x" * 1000}
 
 
 class TestConflictRetry:

@@ -85,6 +85,35 @@ def _upload_file(remote: Remote, state: str, prefix: str, entry: Entry) -> str:
     return key
 
 
+def _upload_all(
+    remote: Remote, state: str, prefix: str, files: list[Entry], uploaded: list[str]
+) -> None:
+    """Upload ``files`` in parallel, appending each key uploaded to ``uploaded``.
+
+    The calling thread uploads the first file itself while a pool of at most
+    ``FILES_IN_FLIGHT - 1`` threads uploads the rest: no thread at all for one file, one
+    fewer to start for several. Every upload has ended when this returns or raises (the
+    first error is raised; ``uploaded`` then names what must be deleted again).
+    """
+    if len(files) <= 1:
+        uploaded.extend(_upload_file(remote, state, prefix, e) for e in files)
+        return
+    errors: list[BaseException] = []
+    with ThreadPoolExecutor(min(len(files) - 1, FILES_IN_FLIGHT - 1), "statekeep-publish") as pool:
+        futures = [pool.submit(_upload_file, remote, state, prefix, e) for e in files[1:]]
+        try:
+            uploaded.append(_upload_file(remote, state, prefix, files[0]))
+        except BaseException as exc:
+            errors.append(exc)
+        for fut in futures:  # waits for every upload, so none is left running
+            try:
+                uploaded.append(fut.result())
+            except BaseException as exc:
+                errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
 def publish_state(remote: Remote, state_path: str | Path) -> RemoteState:
     """Publish the committed state at ``state_path``: its files, then its manifest.
 
@@ -104,19 +133,7 @@ def publish_state(remote: Remote, state_path: str | Path) -> RemoteState:
     files = [e for e in manifest.entries if not e.is_dir]
     uploaded: list[str] = []
     try:
-        if len(files) == 1:
-            uploaded.append(_upload_file(remote, state, prefix, files[0]))
-        elif files:
-            with ThreadPoolExecutor(min(len(files), FILES_IN_FLIGHT), "statekeep-publish") as pool:
-                futures = [pool.submit(_upload_file, remote, state, prefix, e) for e in files]
-                errors: list[BaseException] = []
-                for fut in futures:
-                    try:
-                        uploaded.append(fut.result())
-                    except BaseException as exc:
-                        errors.append(exc)
-                if errors:
-                    raise errors[0]
+        _upload_all(remote, state, prefix, files, uploaded)
         blob = encode_manifest(token, raw)
         remote.put_if_absent(f"{STATES}{name}", io.BytesIO(blob), len(blob))
     except BaseException:

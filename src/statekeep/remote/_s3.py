@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 from statekeep import _fork
 from statekeep.errors import StateExistsError, StorageError
 from statekeep.remote._base import RemoteObject, Source, check_key
+from statekeep.storage._s3 import SMALL_PUT, env_session, put_small
 
 __all__ = ["S3Remote"]
 
@@ -89,11 +90,10 @@ class S3Remote:
             _fork.on_fork_child(self._forget_client)
 
     def _new_client(self) -> Any:
-        import boto3  # type: ignore[import-untyped,unused-ignore]
         import botocore.config  # type: ignore[import-untyped,unused-ignore]
 
         config = botocore.config.Config(max_pool_connections=4 * self.max_in_flight)
-        return boto3.client("s3", config=config)
+        return env_session().client("s3", config=config)  # the environment as it is now
 
     def _forget_client(self) -> None:
         # A forked child must not share the parent's connections: it makes its own client
@@ -136,7 +136,11 @@ class S3Remote:
         if size <= self.part_size:
             body = _read_exact(source, size, key)
             try:
-                self.client.put_object(Bucket=self.bucket, Key=full, Body=body, IfNoneMatch="*")
+                params = {"Bucket": self.bucket, "Key": full, "Body": body, "IfNoneMatch": "*"}
+                if size <= SMALL_PUT:  # sent at once, without Expect: 100-continue
+                    put_small(self.client, **params)
+                else:
+                    self.client.put_object(**params)
             except self._errors() as exc:
                 self._conflict("put", key, exc)
             return

@@ -16,8 +16,7 @@ from __future__ import annotations
 import errno
 import logging
 import zlib
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from datetime import timedelta, timezone
 from typing import Any
 
@@ -107,8 +106,10 @@ class PostgresCheckpointStorage(BaseCheckpointStorage):
             "old": sql.SQL("DELETE FROM {t} WHERE saved_at < clock_timestamp() - %s"),
         }
         self._q = {k: v.format(t=sql.Identifier(table)) for k, v in self._q.items()}
-        with self._guard("open", None), self._connection():
-            pass  # connects, and creates or checks the table
+        self._sql: dict[str, bytes] = {}
+        self._cur: Any = None
+        with self._guard("open", None), self._lock:
+            self._conn = self._connect()  # connects, and creates or checks the table
         _fork.on_fork_child(self._after_fork)
 
     def _after_fork(self) -> None:
@@ -116,11 +117,15 @@ class PostgresCheckpointStorage(BaseCheckpointStorage):
         if self._conn is not None:
             _ORPHANS.append(self._conn)
         self._conn = None  # the child connects anew on its first call
+        self._cur = None
 
     def _connect(self) -> Any:
         conn = self._psycopg.connect(**self._params, autocommit=True)
         try:
             self._prepare(conn)
+            # rendered once (bytes): a Composed would be rendered again on every call
+            self._sql = {k: q.as_bytes(conn) for k, q in self._q.items()}
+            self._cur = conn.cursor(binary=True)
         except BaseException:
             conn.close()
             raise
@@ -167,15 +172,27 @@ class PostgresCheckpointStorage(BaseCheckpointStorage):
                     f"{row[0]}; this statekeep reads version {SCHEMA_VERSION}"
                 ) from why
 
-    @contextmanager
-    def _connection(self) -> Iterator[Any]:
+    def _run(self, name: str, params: tuple[Any, ...], fetch: str = "") -> Any:
+        """Run the statement ``name`` on this storage's connection: one round trip.
+
+        ``fetch`` is ``"one"`` (the row or None), ``"all"`` (the rows) or ``""`` (the
+        row count). The statements are rendered once per connection and run on one
+        reused cursor with binary results (``bytea`` arrives as bytes, not hex text);
+        psycopg prepares each on the server after its first few runs.
+        """
         with self._lock:
             if self._closed:
                 raise ValueError(f"{self!r} is closed")
             if self._conn is None or self._conn.closed:
                 self._conn = self._connect()
+            cur = self._cur
             try:
-                yield self._conn
+                cur.execute(self._sql[name], params)
+                if fetch == "one":
+                    return cur.fetchone()
+                if fetch == "all":
+                    return cur.fetchall()
+                return int(cur.rowcount)
             except self._psycopg.Error:
                 if self._conn.broken or self._conn.closed:
                     self._conn.close()
@@ -195,12 +212,10 @@ class PostgresCheckpointStorage(BaseCheckpointStorage):
 
     def _put(self, key: str, payload: bytes, meta: bytes) -> None:
         row = (key, len(payload), zlib.crc32(payload), meta.decode(), payload)
-        with self._connection() as conn:
-            conn.execute(self._q["put"], row)
+        self._run("put", row)
 
     def _get(self, key: str) -> bytes | None:
-        with self._connection() as conn:
-            row = conn.execute(self._q["get"], (key,)).fetchone()
+        row = self._run("get", (key,), "one")
         if row is None:
             return None
         size, crc, data = row
@@ -210,8 +225,7 @@ class PostgresCheckpointStorage(BaseCheckpointStorage):
         return payload
 
     def _get_with_info(self, key: str) -> tuple[bytes, CheckpointInfo] | None:
-        with self._connection() as conn:  # one SELECT: data and info of one save
-            row = conn.execute(self._q["get_info"], (key,)).fetchone()
+        row = self._run("get_info", (key,), "one")  # one SELECT: data and info of one save
         if row is None:
             return None
         stamp, size, crc, meta, data = row
@@ -225,16 +239,13 @@ class PostgresCheckpointStorage(BaseCheckpointStorage):
         return payload, info
 
     def _has(self, key: str) -> bool:
-        with self._connection() as conn:
-            return conn.execute(self._q["has"], (key,)).fetchone() is not None
+        return self._run("has", (key,), "one") is not None
 
     def _drop(self, key: str) -> bool:
-        with self._connection() as conn:
-            return int(conn.execute(self._q["drop"], (key,)).rowcount) > 0
+        return int(self._run("drop", (key,))) > 0
 
     def _infos(self) -> Iterable[CheckpointInfo]:
-        with self._connection() as conn:
-            rows = conn.execute(self._q["list"]).fetchall()
+        rows = self._run("list", (), "all")
         infos = []
         for key, stamp, size, meta in rows:
             try:
@@ -251,12 +262,11 @@ class PostgresCheckpointStorage(BaseCheckpointStorage):
         return infos
 
     def _drop_older(self, age: timedelta) -> int:
-        with self._connection() as conn:  # one statement, by the server's clock
-            return int(conn.execute(self._q["old"], (age,)).rowcount)
+        return int(self._run("old", (age,)))  # one statement, by the server's clock
 
     def _close(self) -> None:
         with self._lock:
-            conn, self._conn = self._conn, None
+            conn, self._conn, self._cur = self._conn, None, None
         if conn is not None:
             conn.close()
 
