@@ -217,7 +217,7 @@ class TestFailures:
     def test_one_session_while_the_environment_stays(self) -> None:
         """Clients made from an unchanged environment share one boto3 session (a new
         session loads the service model again: about 100 ms)."""
-        from statekeep.storage._s3 import env_session
+        from statekeep._s3client import env_session
 
         assert env_session() is env_session()
 
@@ -252,7 +252,7 @@ class TestSmallPuts:
     100-continue`` round trip; the client's other requests and checkpoint saves keep it."""
 
     def test_expect_only_where_it_pays(self, url: str, s3_client: Any, s3_bucket: str) -> None:
-        from statekeep.storage._s3 import put_small
+        from statekeep._s3client import put_small
 
         sent: list[tuple[str, bool]] = []
 

@@ -19,9 +19,9 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, NoReturn
 
 from statekeep import _fork
+from statekeep._s3client import SMALL_PUT, env_session, put_small
 from statekeep.errors import StateExistsError, StorageError
 from statekeep.remote._base import RemoteObject, Source, check_key
-from statekeep.storage._s3 import SMALL_PUT, env_session, put_small
 
 __all__ = ["S3Remote"]
 
