@@ -148,10 +148,16 @@ def hold(states_dir: str, fork: bool = False) -> None:
     work = _atomic.Work(states_dir, is_dir=True)
     (work.path / "half-written").write_bytes(b"x" * 100)
     if fork:  # a child that outlives us, holding copies of our descriptors
+        ready, told = os.pipe()
         child = os.fork()
         if child == 0:
+            # fork() returns here only after the at-fork hooks ran: say so, then wait
+            os.write(told, b"x")
             sys.stdin.read()
             os._exit(0)
+        os.close(told)
+        os.read(ready, 1)  # "held" only once the child's hooks have let go of the lock
+        os.close(ready)
         emit(f"held {work.path} {child}")
     else:
         emit(f"held {work.path}")
