@@ -71,20 +71,6 @@ def _wait_gone(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
         proc.wait(timeout=timeout)
 
 
-def _close_wait(port: int) -> int:
-    """How many TCP connections to local ``port`` are in CLOSE_WAIT (Linux /proc)."""
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(FileNotFoundError), open(table) as f:
-            next(f, None)
-            for line in f:
-                fields = line.split()
-                local, state = fields[1], fields[3]
-                if state == "08" and int(local.rsplit(":", 1)[1], 16) == port:
-                    count += 1
-    return count
-
-
 class S3Server:
     """A SeaweedFS ``weed mini`` with S3 on a free port and a known access key."""
 
@@ -196,20 +182,6 @@ class S3Server:
         with contextlib.suppress(OSError):
             return self.log.read_text(errors="replace")[-2000:]
         return ""
-
-    def dead_clients_settled(self, timeout: float = 30) -> None:
-        """Wait until the server has finished every request of a client that went away.
-
-        A client killed after sending a request leaves the server's end of the
-        connection in CLOSE_WAIT until the server has answered (or dropped) it: while
-        such a connection exists, a dead client's PUT may still land. Raises
-        ``TimeoutError`` if one is still open after ``timeout`` seconds.
-        """
-        deadline = time.monotonic() + timeout
-        while _close_wait(self.port):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"SeaweedFS still serving a dead client after {timeout}s")
-            time.sleep(0.01)
 
     def kill(self) -> None:
         """SIGKILL the server and wait for it (data stays for a restart)."""

@@ -31,7 +31,6 @@ def campaign(
     seed: int,
     env: dict[str, str],
     opener: Callable[[], Any] | None = None,
-    settle: Callable[[], None] | None = None,
 ) -> tuple[list[int], int]:
     """Kill ``kills`` save loops at random moments; check the checkpoint after each.
 
@@ -85,13 +84,6 @@ def campaign(
             )
             if any(p.suffix == ".work" for p in work):
                 mid_write += 1
-            if settle is not None:
-                # S3 orders PUTs as the server completes them: one a dead client sent just
-                # before the kill may still land, even over a newer save of the next
-                # client (documented in docs/across-machines.md). Wait until the server
-                # is done with dead clients, as a restarted program is by the time it
-                # saves; without this wait the check failed about once in 300 kills (CI).
-                settle()
             if checker is not None:  # a remote storage: one client for every check
                 # the server may still complete the save that was in flight when the
                 # client died: reads after the kill only ever move forward
@@ -183,7 +175,6 @@ class TestCrashDuringRemoteSaves:
             4321,
             env,
             lambda: S3CheckpointStorage(url, client=s3_server.client()),
-            settle=s3_server.dead_clients_settled,
         )
         assert len(reported) == REMOTE_KILLS
         crash_report.append(

@@ -289,9 +289,11 @@ class TestConflictRetry:
             endpoint_url="http://127.0.0.1:9",  # never contacted: the stubber answers
         )
         stub = Stubber(client)
-        for code, status in errors:
+        for code, status in errors:  # each try asks for the key's ETag first (absent)
+            stub.add_client_error("head_object", "404", http_status_code=404)
             stub.add_client_error("put_object", code, http_status_code=status)
         if succeed:
+            stub.add_client_error("head_object", "404", http_status_code=404)
             stub.add_response("put_object", {"ETag": '"e"'})
         stub.activate()
         return client, stub
@@ -314,3 +316,101 @@ class TestConflictRetry:
         assert caught.value.errno == errno.EACCES
         with pytest.raises(AssertionError):
             stub.assert_no_pending_responses()  # the success answer was never asked for
+
+    def test_a_server_without_conditional_writes_gets_plain_puts(self) -> None:
+        from botocore.stub import ANY
+
+        client, stub = self.stubbed([("NotImplemented", 501)], succeed=False)
+        plain = {"Bucket": "b", "Key": ANY, "Body": ANY, "ContentType": "application/json"}
+        stub.add_response("put_object", {"ETag": '"e1"'}, expected_params=plain)
+        stub.add_response("put_object", {"ETag": '"e2"'}, expected_params=plain)
+        storage = S3CheckpointStorage("s3://b", client=client)
+        assert storage.save("s", {"n": 1}) is True
+        assert storage.save("s", {"n": 2}) is True  # no HEAD, no condition from then on
+        stub.assert_no_pending_responses()
+
+
+class TestConditionalSaves:
+    """Each save is conditional on the ETag this storage last saw, so a save still in
+    flight when its process died cannot land over a newer save made after it."""
+
+    @staticmethod
+    def requests(client: Any) -> list[str]:
+        sent: list[str] = []
+
+        def record(request: Any, **_: Any) -> None:
+            sent.append(request.method)
+
+        client.meta.events.register_last("before-send.s3", record)
+        return sent
+
+    def test_a_dead_writers_late_put_does_not_land_over_a_newer_save(
+        self, url: str, s3_server: S3Server
+    ) -> None:
+        import http.client
+        import urllib.parse
+
+        dying = s3_server.client()
+        held: list[Any] = []
+
+        class Killed(ConnectionResetError):  # what a client sees of a dropped request
+            pass
+
+        def hold(request: Any, **_: Any) -> None:
+            if request.method == "PUT" and held == []:
+                held.append(request)  # signed and sent, as far as this client knows...
+                raise Killed  # ...and then its process died before the answer came
+
+        old = S3CheckpointStorage(url, client=dying)
+        old.save("run", {"step": 1})
+        dying.meta.events.register_last("before-send.s3.PutObject", hold)
+        with pytest.raises(StorageError):
+            old.save("run", {"step": 2})
+        (request,) = held
+        new = S3CheckpointStorage(url, client=s3_server.client())  # the restarted program
+        assert new.load("run") == {"step": 1}
+        new.save("run", {"step": 3})
+        # the dead writer's request reaches the server only now
+        where = urllib.parse.urlsplit(request.url)
+        connection = http.client.HTTPConnection(where.hostname, where.port, timeout=10)
+        headers = {k: v for k, v in request.headers.items() if k.lower() != "expect"}
+        body = request.body if isinstance(request.body, bytes) else request.body.read()
+        try:
+            connection.request("PUT", f"{where.path}?{where.query}", body=body, headers=headers)
+            status = connection.getresponse().status
+        finally:
+            connection.close()
+        assert new.load("run") == {"step": 3}, f"the late PUT landed (HTTP {status})"
+        assert status == 412
+        assert S3CheckpointStorage(url, client=s3_server.client()).load("run") == {"step": 3}
+
+    def test_live_writers_still_go_over_each_other(self, url: str, s3_server: S3Server) -> None:
+        one = S3CheckpointStorage(url, client=s3_server.client())
+        two = S3CheckpointStorage(url, client=s3_server.client())
+        one.save("s", {"by": "one", "n": 1})
+        two.save("s", {"by": "two", "n": 1})
+        one.save("s", {"by": "one", "n": 2})  # one's ETag is stale: 412, then again
+        assert two.load("s") == {"by": "one", "n": 2}
+        two.delete("s")
+        one.save("s", {"by": "one", "n": 3})  # after a delete by another writer
+        assert two.load("s") == {"by": "one", "n": 3}
+        two.save("s", {"by": "two", "n": 2})
+        assert one.load("s") == {"by": "two", "n": 2}
+
+    def test_a_save_after_a_save_or_load_is_one_request(
+        self, url: str, s3_server: S3Server
+    ) -> None:
+        S3CheckpointStorage(url, client=s3_server.client()).save("s", {"n": 0})
+        client = s3_server.client()
+        sent = self.requests(client)
+        storage = S3CheckpointStorage(url, client=client)
+        storage.save("s", {"n": 1})  # first save of the key here: its ETag asked once
+        assert sent == ["HEAD", "PUT"]
+        sent.clear()
+        storage.save("s", {"n": 2})
+        assert sent == ["PUT"]
+        fresh = S3CheckpointStorage(url, client=client)
+        sent.clear()
+        assert fresh.load("s") == {"n": 2}
+        fresh.save("s", {"n": 3})  # the load's ETag serves
+        assert sent == ["GET", "PUT"]

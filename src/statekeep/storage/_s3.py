@@ -3,7 +3,15 @@
 Each object is the self-checking blob of the file backend (header line with session id,
 time, size, CRC-32 and metadata, then the JSON data), written with one whole-object PUT,
 which S3 makes visible atomically: a reader sees the old value or the new one, and two
-machines writing one session end with one of their values, whole. Object keys are
+machines writing one session end with one of their values, whole.
+
+Every save is a conditional PUT (``If-Match`` the ETag this storage last saw for the key,
+or ``If-None-Match: *`` when there was none), so a save still in flight when its process
+died cannot land over a newer save made after it: the server refuses it (412), and a
+live writer that gets 412 reads the current ETag and sends its save again. The ETag
+comes from this storage's own last save or load of the key, else from a one-byte ranged
+GET. A server that ignores the headers gives plain last-writer-wins, as before; one that
+answers 501 to them gets unconditional PUTs from then on. Object keys are
 ``<prefix><sha256 of the session id>.ckpt`` so any id is a safe key; the header holds
 the id and is checked on every read. Listing is one LIST call per 1,000 keys plus a
 ranged GET of each header, in parallel (up to 16 at once, no more than the client's
@@ -16,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import random
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -28,7 +37,8 @@ __all__ = ["S3CheckpointStorage", "parse_s3_url", "put_small"]
 
 SUFFIX = ".ckpt"
 _HEAD_BYTES = 4096  # one ranged GET holds the header unless its metadata is large
-_CONFLICT_RETRIES = 5
+_CONFLICT_RETRIES = 5  # 409 ConditionalRequestConflict in a row
+_STALE_RETRIES = 32  # 412 in a row: other live writers kept saving the key first
 _THREADS = 16  # parallel header reads while listing
 _HTTP_ERRNO = {403: errno.EACCES, 404: errno.ENOENT, 503: errno.EAGAIN, 507: errno.ENOSPC}
 _MISSING = frozenset({"NoSuchKey"})
@@ -110,6 +120,10 @@ class S3CheckpointStorage(BaseCheckpointStorage):
         # the extra connections, with a warning each)
         pool = getattr(getattr(self._client, "meta", None), "config", None)
         self._list_threads = min(_THREADS, getattr(pool, "max_pool_connections", None) or 10)
+        # object name -> the ETag this storage last saw ("" = absent); a save is
+        # conditional on it (see the module's docstring)
+        self._etags: dict[str, str] = {}
+        self._conditional = True
         _fork.on_fork_child(self._after_fork)
 
     def _after_fork(self) -> None:
@@ -170,10 +184,29 @@ class S3CheckpointStorage(BaseCheckpointStorage):
             response = self.client.get_object(Bucket=self.bucket, Key=name)
         except self._client_error as exc:
             if self._missing(exc):
+                self._etags[name] = ""
                 return None
             raise
+        self._seen(name, response)
         with response["Body"] as body:
             return bytes(body.read())
+
+    def _etag(self, name: str) -> str:
+        """The key's ETag now, "" when absent."""
+        try:
+            response = self.client.head_object(Bucket=self.bucket, Key=name)
+        except self._client_error as exc:
+            # HEAD's 404 has no body to tell a missing key from a missing bucket: the
+            # PUT that follows says which (NoSuchBucket is raised from there)
+            if self._code(exc)[1] == 404:
+                return ""
+            raise
+        return str(response.get("ETag", ""))
+
+    def _seen(self, name: str, response: Any) -> None:
+        tag = response.get("ETag")
+        if tag:
+            self._etags[name] = tag
 
     def _read_head(self, name: str) -> bytes | None:
         head = self._get_range(name, 0, _HEAD_BYTES - 1)
@@ -187,26 +220,54 @@ class S3CheckpointStorage(BaseCheckpointStorage):
         return self._get_range(self._name(key), 0, 0) is not None
 
     def _write(self, name: str, blob: bytes) -> None:
-        for attempt in range(_CONFLICT_RETRIES):
+        conflicts = stale = 0
+        while True:
+            condition: dict[str, str] = {}
+            if self._conditional:
+                tag = self._etags.get(name)
+                if tag is None:  # neither saved nor loaded here yet: ask the server
+                    tag = self._etag(name)
+                condition = {"IfMatch": tag} if tag else {"IfNoneMatch": "*"}
             try:
-                # botocore's default (Expect: 100-continue) kept: see put_small
-                self.client.put_object(
-                    Bucket=self.bucket, Key=name, Body=blob, ContentType="application/json"
+                response = self.client.put_object(
+                    Bucket=self.bucket,
+                    Key=name,
+                    Body=blob,
+                    ContentType="application/json",
+                    **condition,
                 )
-                return
             except self._client_error as exc:
-                # AWS answers 409 ConditionalRequestConflict to a PUT racing another
-                # write of the key; the whole PUT can simply be sent again
-                conflict = self._code(exc)[0] == "ConditionalRequestConflict"
-                if not conflict or attempt == _CONFLICT_RETRIES - 1:
+                code, status = self._code(exc)
+                self._etags.pop(name, None)  # whatever happened, ask again next time
+                if code == "ConditionalRequestConflict":
+                    # AWS: a PUT racing another write of the key; send it again
+                    conflicts += 1
+                    if conflicts == _CONFLICT_RETRIES:
+                        raise
+                    time.sleep(0.05 * 2 ** (conflicts - 1))
+                elif condition and (status == 412 or code == "PreconditionFailed"):
+                    # another writer saved the key since this storage last saw it: a
+                    # live one, so this save goes over it (a dead one's would not)
+                    stale += 1
+                    if stale == _STALE_RETRIES:
+                        raise
+                    time.sleep(random.uniform(0, 0.001 * 2 ** min(stale, 6)))
+                elif condition and (status == 501 or code == "NotImplemented"):
+                    self._conditional = False  # a server without conditional writes
+                elif condition and tag and self._missing(exc):
+                    pass  # If-Match on a key deleted meanwhile (AWS): ask again
+                else:
                     raise
-                time.sleep(0.05 * 2**attempt)
+                continue
+            self._seen(name, response)
+            return
 
     def _remove(self, name: str) -> bool:
         # DELETE answers 204 whether or not the key existed: ask first
         if self._get_range(name, 0, 0) is None:
             return False
         self.client.delete_object(Bucket=self.bucket, Key=name)
+        self._etags[name] = ""
         return True
 
     def _names(self) -> Iterable[str]:
