@@ -253,6 +253,33 @@ class TestS3Remote:
                 call()
 
 
+    def test_a_slow_part_does_not_hold_the_others_back(
+        self, s3_server: Any, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """With part 1 slow, the later parts go up meanwhile, out of order, and the
+        object still completes whole (parts listed in order)."""
+        remote = S3Remote(
+            f"s3://{s3_bucket}/p", client=s3_server.client(), part_size=5 * MiB, max_in_flight=2
+        )
+        real = S3Remote._upload_part
+        third_started = threading.Event()
+        held: list[bool] = []
+
+        def upload_part(self: S3Remote, full: str, upload_id: str, number: int, body: bytes) -> Any:
+            if number == 3:
+                third_started.set()
+            if number == 1:  # held up on the network until part 3 is on its way
+                held.append(third_started.wait(10))
+            return real(self, full, upload_id, number, body)
+
+        monkeypatch.setattr(S3Remote, "_upload_part", upload_part)
+        data = os.urandom(20 * MiB + 3)  # 5 parts, at most 2 in flight
+        put(remote, "big", data)
+        assert remote.get("big") == data
+        # part 2 ended while part 1 was held, and part 3 took its slot at once
+        assert held == [True], "part 3 waited for part 1, the oldest, to end"
+
+
 class TestOpenRemote:
     """open_remote picks the implementation from the URL."""
 

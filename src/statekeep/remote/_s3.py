@@ -12,9 +12,8 @@ from __future__ import annotations
 import builtins
 import contextlib
 import errno
-from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from datetime import datetime, timedelta, timezone
 from typing import Any, NoReturn
 
@@ -173,20 +172,24 @@ class S3Remote:
         etags: builtins.list[dict[str, Any]] = []
         try:
             with ThreadPoolExecutor(self.max_in_flight, "statekeep-s3-put") as pool:
-                pending: deque[Future[dict[str, Any]]] = deque()
+                pending: set[Future[dict[str, Any]]] = set()
                 done = 0
                 number = 0
                 while done < size:
-                    if len(pending) >= self.max_in_flight:  # first wait, then read: at
-                        etags.append(pending.popleft().result())  # most max_in_flight parts held
+                    if len(pending) >= self.max_in_flight:
+                        # first wait, then read: at most max_in_flight parts held. Wait
+                        # for any part, not the oldest: each part that ends makes room
+                        # at once (waiting in order left a slot idle behind a slow one)
+                        finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                        etags.extend(f.result() for f in finished)
                     n = min(self.part_size, size - done)
                     body = _read_exact(source, n, key)
                     done += n
                     number += 1
-                    pending.append(pool.submit(self._upload_part, full, upload_id, number, body))
+                    pending.add(pool.submit(self._upload_part, full, upload_id, number, body))
                     del body
-                while pending:
-                    etags.append(pending.popleft().result())
+                etags.extend(f.result() for f in pending)
+            etags.sort(key=lambda part: int(part["PartNumber"]))
             self.client.complete_multipart_upload(
                 Bucket=self.bucket,
                 Key=full,
