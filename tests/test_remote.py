@@ -252,7 +252,6 @@ class TestS3Remote:
             with pytest.raises(StorageError, match="s3://bucket/pre/"):
                 call()
 
-
     def test_a_slow_part_does_not_hold_the_others_back(
         self, s3_server: Any, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
     ) -> None:

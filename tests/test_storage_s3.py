@@ -248,8 +248,9 @@ class TestFailures:
 
 
 class TestSmallPuts:
-    """``put_small`` (S3Remote's create-only PUTs) skips botocore's ``Expect:
-    100-continue`` round trip; the client's other requests and checkpoint saves keep it."""
+    """``put_small`` (S3Remote's create-only PUTs and small conditional checkpoint saves)
+    skips botocore's ``Expect: 100-continue`` round trip; the client's other requests,
+    and a save too large for it, keep it."""
 
     def test_expect_only_where_it_pays(self, url: str, s3_client: Any, s3_bucket: str) -> None:
         from statekeep._s3client import put_small
@@ -265,13 +266,14 @@ class TestSmallPuts:
             put_small(s3_client, Bucket=s3_bucket, Key="small", Body=b"x" * 1000)
             s3_client.put_object(Bucket=s3_bucket, Key="theirs", Body=b"x" * 1000)
             storage.save("s", {"v": "x" * 1000})
+            storage.save("s", {"v": "x" * (1 << 20)})
         finally:
             s3_client.meta.events.unregister("before-send.s3.PutObject", record)
         name = storage._name("s").rsplit("/", 1)[-1]
-        assert sent == [("small", False), ("theirs", True), (name, True)]
+        assert sent == [("small", False), ("theirs", True), (name, False), (name, True)]
         body = s3_client.get_object(Bucket=s3_bucket, Key="small")["Body"].read()
         assert body == b"x" * 1000
-        assert storage.load("s") == {"v": "x" * 1000}
+        assert storage.load("s") == {"v": "x" * (1 << 20)}
 
 
 class TestConflictRetry:

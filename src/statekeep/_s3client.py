@@ -45,8 +45,8 @@ def put_small(client: Any, **params: Any) -> Any:
     Only statekeep's own PUTs are changed: the hook added to the client (once) acts
     only inside this call, in this thread; every other request of the client is as it
     was. Used for create-only writes (:class:`~statekeep.remote.S3Remote`), where a
-    request that lands after its sender died is harmless. Checkpoint saves keep
-    botocore's default.
+    request that lands after its sender died is harmless, and for small checkpoint
+    saves, which are conditional on the ETag last seen (such a request is refused).
     """
     client.meta.events.register(
         "before-send.s3.PutObject", _drop_expect, unique_id="statekeep-small-put"

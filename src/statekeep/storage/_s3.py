@@ -30,7 +30,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from statekeep import _fork
-from statekeep._s3client import env_session, put_small
+from statekeep._s3client import SMALL_PUT, env_session, put_small
 from statekeep.storage._base import BaseCheckpointStorage
 
 __all__ = ["S3CheckpointStorage", "parse_s3_url", "put_small"]
@@ -42,6 +42,10 @@ _STALE_RETRIES = 32  # 412 in a row: other live writers kept saving the key firs
 _THREADS = 16  # parallel header reads while listing
 _HTTP_ERRNO = {403: errno.EACCES, 404: errno.ENOENT, 503: errno.EAGAIN, 507: errno.ENOSPC}
 _MISSING = frozenset({"NoSuchKey"})
+
+
+def _put_object(client: Any, **params: Any) -> Any:
+    return client.put_object(**params)
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -229,7 +233,11 @@ class S3CheckpointStorage(BaseCheckpointStorage):
                     tag = self._etag(name)
                 condition = {"IfMatch": tag} if tag else {"IfNoneMatch": "*"}
             try:
-                response = self.client.put_object(
+                # a small body goes at once, without Expect: 100-continue's round trip:
+                # if it lands after its sender died, the condition has it refused
+                put = put_small if condition and len(blob) <= SMALL_PUT else _put_object
+                response = put(
+                    self.client,
                     Bucket=self.bucket,
                     Key=name,
                     Body=blob,
