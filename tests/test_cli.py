@@ -914,22 +914,12 @@ class TestRemote:
         usage_error(run("ls", "gopher://x/y"), "gopher")
 
 
-def _server(request: pytest.FixtureRequest, name: str) -> Any:
-    """A server fixture of tests/conftest.py, or a skip where this tree has none yet."""
-    try:
-        return request.getfixturevalue(name)
-    except pytest.FixtureLookupError:
-        pytest.skip(f"no {name} fixture in this tree")
-
-
 class TestRemoteCheckpoints:
     """`statekeep checkpoints` over S3 and PostgreSQL, against real servers on 127.0.0.1."""
 
-    def test_s3(self, request: pytest.FixtureRequest) -> None:
-        if not hasattr(statekeep, "S3CheckpointStorage"):
-            pytest.skip("S3CheckpointStorage has not landed yet")
-        server = _server(request, "s3_server")
-        url = f"s3://{request.getfixturevalue('s3_bucket')}/ck"
+    def test_s3(self, s3_server: Any, s3_bucket: str) -> None:
+        server = s3_server
+        url = f"s3://{s3_bucket}/ck"
         storage = statekeep.S3CheckpointStorage(url, client=server.client())
         storage.save("alpha", {"row": 41}, metadata={"owner": "etl"})
         storage.save("beta", {"row": 7})
@@ -944,10 +934,8 @@ class TestRemoteCheckpoints:
         assert run("checkpoints", "rm", url, "beta", env=env).returncode == 0
         assert [i.session_id for i in storage.list_checkpoints()] == ["alpha"]
 
-    def test_postgres(self, request: pytest.FixtureRequest) -> None:
-        if not hasattr(statekeep, "PostgresCheckpointStorage"):
-            pytest.skip("PostgresCheckpointStorage has not landed yet")
-        conninfo = _server(request, "postgres_db")
+    def test_postgres(self, postgres_db: str) -> None:
+        conninfo = postgres_db
         storage = statekeep.PostgresCheckpointStorage(conninfo)
         storage.save("alpha", {"row": 41})
         storage.close()
@@ -959,8 +947,6 @@ class TestRemoteCheckpoints:
             assert [c["session_id"] for c in json.loads(done.stdout)["checkpoints"]] == ["alpha"]
 
     def test_server_down_is_a_usage_error(self) -> None:
-        if not hasattr(statekeep, "PostgresCheckpointStorage"):
-            pytest.skip("PostgresCheckpointStorage has not landed yet")
         with socket.socket() as s:  # a port nobody listens on
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
