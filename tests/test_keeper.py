@@ -193,7 +193,9 @@ class TestCleanup:
         keeper = LatestStatesKeeper(states_dir, max_keep=1)
         with caplog.at_level(logging.ERROR, logger="statekeep"):
             assert keeper.cleanup() == [gone]
-        assert f"could not remove state {stuck}" in caplog.text
+            for _ in range(3):  # a background keeper passes again and again
+                assert keeper.cleanup() == []
+        assert caplog.text.count(f"could not remove state {stuck}") == 1, "said once"
         assert names(states_dir) == ["a.state", "c.state"]
         monkeypatch.undo()
         assert keeper.cleanup() == [stuck]

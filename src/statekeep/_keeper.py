@@ -210,8 +210,8 @@ class LatestStatesKeeper:
                 _atomic.discard_committed(self.states_dir, path)
             except FileNotFoundError:
                 continue  # somebody else removed it
-            except OSError as exc:
-                logger.error("statekeep: could not remove state %s: %s", path, exc)
+            except OSError as exc:  # said once per state and error, not on every pass
+                _scan.warn_once(path, exc, "could not remove state %s: %s", logging.ERROR)
                 continue
             logger.info("statekeep: removed old state %s", path)
             removed.append(path)

@@ -178,7 +178,10 @@ _warned_lock = threading.Lock()
 
 
 def warn_once(
-    path: str | os.PathLike[str], problem: BaseException, template: str = "skipping %s: %s"
+    path: str | os.PathLike[str],
+    problem: BaseException,
+    template: str = "skipping %s: %s",
+    level: int = logging.WARNING,
 ) -> None:
     """Log that ``path`` is skipped because of ``problem``, once per path and problem.
 
@@ -191,7 +194,7 @@ def warn_once(
         _warned[key] = None
         if len(_warned) > 4096:
             _warned.popitem(last=False)
-    logger.warning("statekeep: " + template, key[0], problem)
+    logger.log(level, "statekeep: " + template, key[0], problem)
 
 
 class VerifiedCache:
