@@ -416,3 +416,18 @@ class TestConditionalSaves:
         assert fresh.load("s") == {"n": 2}
         fresh.save("s", {"n": 3})  # the load's ETag serves
         assert sent == ["GET", "PUT"]
+
+    def test_remembered_etags_are_bounded(
+        self, url: str, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        import statekeep.storage._s3 as s3_module
+
+        monkeypatch.setattr(s3_module, "_ETAGS_KEPT", 2)
+        storage = S3CheckpointStorage(url, client=s3_server.client())
+        for n in range(5):  # a process that saves many sessions
+            storage.save(f"s{n}", {"n": n})
+            assert len(storage._etags) <= 2
+        sent = self.requests(storage.client)
+        storage.save("s0", {"n": 10})  # forgotten: its ETag is asked again, then saved
+        assert sent == ["HEAD", "PUT"]
+        assert storage.load("s0") == {"n": 10}

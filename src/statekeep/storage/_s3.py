@@ -9,8 +9,8 @@ Every save is a conditional PUT (``If-Match`` the ETag this storage last saw for
 or ``If-None-Match: *`` when there was none), so a save still in flight when its process
 died cannot land over a newer save made after it: the server refuses it (412), and a
 live writer that gets 412 reads the current ETag and sends its save again. The ETag
-comes from this storage's own last save or load of the key, else from a one-byte ranged
-GET. A server that ignores the headers gives plain last-writer-wins, as before; one that
+comes from this storage's own last save or load of the key, else from one HEAD. A
+server that ignores the headers gives plain last-writer-wins, as before; one that
 answers 501 to them gets unconditional PUTs from then on. Object keys are
 ``<prefix><sha256 of the session id>.ckpt`` so any id is a safe key; the header holds
 the id and is checked on every read. Listing is one LIST call per 1,000 keys plus a
@@ -40,6 +40,7 @@ _HEAD_BYTES = 4096  # one ranged GET holds the header unless its metadata is lar
 _CONFLICT_RETRIES = 5  # 409 ConditionalRequestConflict in a row
 _STALE_RETRIES = 32  # 412 in a row: other live writers kept saving the key first
 _THREADS = 16  # parallel header reads while listing
+_ETAGS_KEPT = 4096  # ETags remembered per storage
 _HTTP_ERRNO = {403: errno.EACCES, 404: errno.ENOENT, 503: errno.EAGAIN, 507: errno.ENOSPC}
 _MISSING = frozenset({"NoSuchKey"})
 
@@ -210,6 +211,8 @@ class S3CheckpointStorage(BaseCheckpointStorage):
     def _seen(self, name: str, response: Any) -> None:
         tag = response.get("ETag")
         if tag:
+            if len(self._etags) >= _ETAGS_KEPT:  # a process reading many sessions: forget
+                self._etags.clear()  # them all (each costs one HEAD at its next save)
             self._etags[name] = tag
 
     def _read_head(self, name: str) -> bytes | None:
