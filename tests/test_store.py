@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -635,6 +636,7 @@ class Gen(PersistentStateMixin):
         self.value: int | None = None
         self.loaded_from: Path | None = None
         self.calls = 0
+        self.delay = 0.0  # seconds each load takes (a large model, a slow disk)
 
     def save_state(self, path: Path) -> None:
         path.write_text(str(self.gen))
@@ -646,6 +648,7 @@ class Gen(PersistentStateMixin):
             self.value = int(path.read_text())
         except FileNotFoundError:
             self.value = None  # a lenient component: would keep a partial load silently
+        time.sleep(self.delay)
 
 
 def gen_store(states_dir: Path) -> tuple[StateStore, Gen, Gen]:
@@ -661,10 +664,11 @@ class TestLoaderRacingKeeper:
 
     LOADS = 500
 
-    def check_loads(self, states_dir: Path) -> int:
+    def check_loads(self, states_dir: Path, loads: int = LOADS, delay: float = 0.0) -> int:
         loader, a, b = gen_store(states_dir)
+        a.delay = b.delay = delay
         retried = 0
-        for _ in range(self.LOADS):
+        for _ in range(loads):
             a.calls = b.calls = 0
             path = loader.load_latest_state()
             assert path is not None, "None while a committed state exists"
@@ -704,7 +708,10 @@ class TestLoaderRacingKeeper:
         assert failures == []
         assert a.gen > 0
 
-    def test_processes(self, states_dir: Path, worker_env: dict[str, str]) -> None:
+    def start_saver_and_keeper(
+        self, states_dir: Path, worker_env: dict[str, str]
+    ) -> list[subprocess.Popen[bytes]]:
+        """A process saving as fast as it can and one pruning to max_keep=1 without pause."""
         StateStore(states_dir)
         saver_code = (
             "import sys, pathlib\n"
@@ -736,19 +743,175 @@ class TestLoaderRacingKeeper:
             )
             for code in (saver_code, keeper_code)
         ]
+        for proc in procs:
+            assert proc.stdout is not None
+            assert proc.stdout.readline() == b"ready\n"
+        return procs
+
+    def stop(self, procs: list[subprocess.Popen[bytes]]) -> None:
+        for proc in procs:
+            assert proc.poll() is None, "a worker died during the race"
+        for proc in procs:
+            proc.kill()
+            proc.wait(30)
+            assert proc.stdout is not None
+            proc.stdout.close()
+
+    def test_processes(self, states_dir: Path, worker_env: dict[str, str]) -> None:
+        procs = self.start_saver_and_keeper(states_dir, worker_env)
         try:
-            for proc in procs:
-                assert proc.stdout is not None
-                assert proc.stdout.readline() == b"ready\n"
             self.check_loads(states_dir)
-            for proc in procs:
-                assert proc.poll() is None, "a worker died during the race"
         finally:
-            for proc in procs:
-                proc.kill()
-                proc.wait(30)
-                assert proc.stdout is not None
-                proc.stdout.close()
+            self.stop(procs)
+
+    @pytest.mark.timeout(120)
+    def test_components_slower_than_the_saver(
+        self, states_dir: Path, worker_env: dict[str, str]
+    ) -> None:
+        """Each load takes longer than a save, so a newer state and its pruning always
+        land before the load ends: the state being loaded must be held against removal
+        (before, every attempt lost the state under it and no load ever finished)."""
+        procs = self.start_saver_and_keeper(states_dir, worker_env)
+        try:
+            retried = self.check_loads(states_dir, loads=20, delay=0.02)
+        finally:
+            self.stop(procs)
+        # Only a state removed between the listing and the hold costs an attempt.
+        assert retried <= 5
+
+
+class During(PersistentStateMixin):
+    """A component whose load runs ``during`` (with the path) after reading its file."""
+
+    def __init__(self, during: Any = None) -> None:
+        self.value = b"x"
+        self.during = during
+
+    def save_state(self, path: Path) -> None:
+        path.write_bytes(self.value)
+
+    def load_state(self, path: Path) -> None:
+        self.value = path.read_bytes()
+        if self.during is not None:
+            self.during(path.parent)
+
+
+class TestHeldWhileLoading:
+    """A state being loaded is held against removal: the keeper leaves it for later."""
+
+    def two_states(self, states_dir: Path, during: Any) -> tuple[StateStore, Path, Path]:
+        store = StateStore(states_dir, durable=False)
+        store.register("c", During(during))
+        older = store.save_state()
+        newer = store.save_state()
+        return store, older, newer
+
+    def test_the_keeper_leaves_it_for_a_later_pass(
+        self, states_dir: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        keeper = LatestStatesKeeper(states_dir, max_keep=1)
+        removed_during: list[list[Path]] = []
+        store, older, newer = self.two_states(
+            states_dir, lambda state: removed_during.append(keeper.cleanup())
+        )
+        with caplog.at_level(logging.DEBUG, logger="statekeep"):
+            store.load_state(older)
+        assert removed_during == [[]]
+        assert f"{older} is being loaded; left for a later pass" in caplog.text
+        assert keeper.cleanup() == [older]  # the load is over: the next pass removes it
+        assert [p.name for p in states_dir.iterdir()] == [newer.name]
+
+    def test_a_child_forked_during_the_load_does_not_hold_it(self, states_dir: Path) -> None:
+        children: list[tuple[int, int]] = []
+
+        def fork(state: Path) -> None:
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child lives on after the load, until the pipe closes
+                os.close(w)
+                os.read(r, 1)
+                os._exit(0)
+            os.close(r)
+            children.append((pid, w))
+
+        store, older, _ = self.two_states(states_dir, fork)
+        store.load_state(older)
+        try:
+            [(pid, _)] = children
+            os.kill(pid, 0)  # alive
+            assert LatestStatesKeeper(states_dir, max_keep=1).cleanup() == [older]
+        finally:
+            for pid, w in children:
+                os.close(w)
+                os.waitpid(pid, 0)
+
+    def test_a_brief_exclusive_hold_is_waited_out(self, states_dir: Path) -> None:
+        _, older, _ = self.two_states(states_dir, None)
+        fd = os.open(older, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as a remover does across its rename
+        unlock = threading.Timer(0.02, fcntl.flock, (fd, fcntl.LOCK_UN))
+        unlock.start()
+        try:
+            with _atomic.Pin(str(older)) as pin:
+                assert pin.held
+        finally:
+            unlock.join(30)
+            os.close(fd)
+
+    def test_a_long_exclusive_hold_is_read_unpinned(self, states_dir: Path) -> None:
+        store, older, _ = self.two_states(states_dir, None)
+        fd = os.open(older, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # a saver stopped right after its commit
+            with _atomic.Pin(str(older)) as pin:
+                assert not pin.held
+            store.load_state(older)  # still loads (as it would without holding)
+        finally:
+            os.close(fd)
+
+
+class TestListingThatLosesItsOnlyState:
+    """A listing whose one state is pruned before it is read (its successor renamed in
+    just after the directory was read) proves nothing: it is taken again."""
+
+    @pytest.fixture
+    def racing(self, states_dir: Path, monkeypatch: pytest.MonkeyPatch) -> StateStore:
+        saver, a, b = gen_store(states_dir)
+        saver.save_state()
+        keeper = LatestStatesKeeper(states_dir, max_keep=1)
+        real = _manifest.read_order
+        races = [2]  # two listings in a row lose their only state
+        inside = [False]
+
+        def read_order(directory: str) -> tuple[float, int] | None:
+            if races[0] and not inside[0]:
+                races[0] -= 1
+                inside[0] = True
+                try:  # between reading the directory and reading this state's manifest:
+                    a.gen = b.gen = a.gen + 1
+                    saver.save_state()  # a newer state is committed,
+                    assert keeper.cleanup() == [Path(directory)]  # and this one pruned
+                finally:
+                    inside[0] = False
+            return real(directory)
+
+        loader, *_ = gen_store(states_dir)
+        monkeypatch.setattr(_manifest, "read_order", read_order)
+        return loader
+
+    def test_load_latest_state(self, racing: StateStore, states_dir: Path) -> None:
+        path = racing.load_latest_state()
+        assert path is not None, "None while a committed state exists"
+        assert [p.name for p in states_dir.iterdir()] == [path.name]
+
+    def test_latest_state(self, racing: StateStore, states_dir: Path) -> None:
+        path = racing.latest_state()
+        assert path is not None, "None while a committed state exists"
+        assert [p.name for p in states_dir.iterdir()] == [path.name]
+
+    def test_list_states(self, racing: StateStore, states_dir: Path) -> None:
+        listed = [info.path for info in racing.list_states()]
+        assert listed == list(states_dir.iterdir())
 
 
 class TestMetadata:

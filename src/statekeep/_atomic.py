@@ -141,7 +141,7 @@ class _LiveWork:
     """
 
     def __init__(self) -> None:
-        self.entries: weakref.WeakSet[Work] = weakref.WeakSet()
+        self.entries: weakref.WeakSet[Work | Pin] = weakref.WeakSet()
         _fork.on_fork_child(self.reset_in_child)
 
     def reset_in_child(self) -> None:
@@ -225,6 +225,107 @@ def new_work(root: str | os.PathLike[str], *, is_dir: bool, durable: bool) -> tu
     except FileNotFoundError:  # first use, or someone removed the directory
         make_root(root, durable=durable)
         return Work(root, is_dir=is_dir), True
+
+
+class StateInUse(BlockingIOError):
+    """A committed directory could not be removed: a reader holds it (see :class:`Pin`)."""
+
+
+_PIN_WAIT = 0.1  # seconds; an exclusive holder keeps the lock across one rename only
+
+
+class Pin:
+    """A shared ``flock`` on a committed state directory, held while it is read.
+
+    Whoever removes a committed directory (:func:`discard_committed`) takes the
+    exclusive lock first and leaves the directory alone while a reader holds it, so a
+    state cannot be pruned from under a load that has started. The exclusive lock is
+    held only across a rename (a saver's right after its commit, a remover's while it
+    renames the state out): a reader that finds it taken tries again for
+    :data:`_PIN_WAIT` seconds, then reads unpinned. ``held`` says whether the pin was
+    taken; a directory that was renamed away meanwhile, a link, or a filesystem
+    without ``flock`` leave it False (the read then goes on as it would without).
+    """
+
+    __slots__ = ("__weakref__", "fd", "held")
+
+    def __init__(self, path: str) -> None:
+        self.fd = -1
+        self.held = False
+        if not path:
+            return  # "" is no directory (and must not be read as one): the read says so
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | _O_NOFOLLOW)
+        except OSError:
+            return  # gone, a link, not a directory, not readable: the read will say
+        try:
+            if not _lock_shared(fd):
+                os.close(fd)
+                return
+            # Opened before a remover renamed it out: the lock then holds a directory
+            # that no longer has this name.
+            named = os.stat(path, follow_symlinks=False)
+            here = os.fstat(fd)
+        except OSError:
+            os.close(fd)
+            return
+        if (named.st_dev, named.st_ino) != (here.st_dev, here.st_ino):
+            os.close(fd)
+            return
+        self.fd = fd
+        self.held = True
+        _live.entries.add(self)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            _live.entries.discard(self)
+            os.close(fd)
+
+    def __enter__(self) -> Pin:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _lock_shared(fd: int) -> bool:
+    deadline = time.monotonic() + _PIN_WAIT
+    pause = 0.0005
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(pause)
+            pause = min(pause * 2, 0.01)
+        except OSError:  # no flock here (ENOLCK on some network filesystems)
+            return False
+
+
+def _lock_exclusive(path: str | os.PathLike[str]) -> int:
+    """An fd holding ``path``'s exclusive ``flock``, or -1 where it cannot be locked.
+
+    Raises:
+        StateInUse: a reader holds it (:class:`Pin`).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | _O_NOFOLLOW)
+    except OSError:
+        return -1  # a file or a link: nothing pins those
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StateInUse(
+            errno.EWOULDBLOCK, "a reader is loading it; left for a later pass", os.fspath(path)
+        ) from None
+    except OSError:
+        os.close(fd)
+        return -1
+    return fd
 
 
 def remove_tree(path: str | os.PathLike[str]) -> bool:
@@ -406,17 +507,18 @@ def discard_committed(root: Path, path: Path) -> None:
 
     The entry is first renamed to a private ``.trash`` name, which takes it out of every
     listing at once; only then is it deleted. A crash in between leaves a ``.trash``
-    entry that the next sweep removes.
+    entry that the next sweep removes. A directory is renamed only while this holds its
+    exclusive ``flock``, so never while a reader holds a :class:`Pin` on it.
 
     Raises:
+        StateInUse: a reader is loading ``path``; it is left where it is.
         PermissionError: ``path`` is a directory this process may not empty (not
             listable or not writable by it: another user's, or ``chmod 000``). It is
             left where it is, visible, rather than renamed out of sight only to fail.
         OSError: (``EROFS``) the same, because ``path`` is on a read-only filesystem.
     """
-    if stat.S_ISDIR(os.lstat(path).st_mode) and not os.access(
-        path, os.R_OK | os.W_OK | os.X_OK, follow_symlinks=False
-    ):
+    is_dir = stat.S_ISDIR(os.lstat(path).st_mode)
+    if is_dir and not os.access(path, os.R_OK | os.W_OK | os.X_OK, follow_symlinks=False):
         if not os.path.lexists(path):  # access() says False for a path removed meanwhile
             raise FileNotFoundError(errno.ENOENT, "already removed", str(path))
         if os.statvfs(path).f_flag & os.ST_RDONLY:  # access() says False there too
@@ -425,7 +527,12 @@ def discard_committed(root: Path, path: Path) -> None:
             errno.EACCES, "a directory this user may not list or empty", str(path)
         )
     trash = f"{root}/{PREFIX}{_token()}.trash"
-    os.rename(path, trash)
+    guard = _lock_exclusive(path) if is_dir else -1
+    try:
+        os.rename(path, trash)
+    finally:
+        if guard >= 0:
+            os.close(guard)
     remove_tree(trash)
 
 

@@ -43,7 +43,8 @@ class LatestStatesKeeper:
     is never removed (unless ``max_keep=0``). Each state is read in full once per process
     (then remembered by path, sequence and manifest checksum). Only directories count;
     saves in progress are invisible to it. Removal renames a state out of sight before
-    deleting it, so a crash never leaves a half-removed state that looks committed.
+    deleting it, so a crash never leaves a half-removed state that looks committed, and
+    leaves a state that a ``load_state()`` is reading for a later pass.
 
     Args:
         states_dir: the directory to prune; created (with a warning) if missing.
@@ -210,6 +211,9 @@ class LatestStatesKeeper:
                 _atomic.discard_committed(self.states_dir, path)
             except FileNotFoundError:
                 continue  # somebody else removed it
+            except _atomic.StateInUse:
+                logger.debug("statekeep: %s is being loaded; left for a later pass", path)
+                continue
             except OSError as exc:  # said once per state and error, not on every pass
                 _scan.warn_once(path, exc, "could not remove state %s: %s", logging.ERROR)
                 continue

@@ -115,12 +115,16 @@ def _head(directory: str) -> tuple[float, int] | Exception | None:
     return m.created_at.timestamp(), m.sequence
 
 
-def scan(states_dir: str | Path, match: str | None = None) -> list[Entry]:
+def scan(
+    states_dir: str | Path, match: str | None = None, gone: list[str] | None = None
+) -> list[Entry]:
     """Every directory of ``states_dir`` (not private work, not a symlink), unordered.
 
     A directory whose manifest head gives a sequence is a :attr:`EntryKind.STATE`;
     any other (no manifest, unreadable, damaged head) is :attr:`EntryKind.UNSEQUENCED`
-    with its mtime. Entries removed while we looked are left out.
+    with its mtime. Entries removed while we looked are left out, and appended to
+    ``gone`` when it is given: a listing that lost one is no proof that nothing is
+    there (its successor may have been renamed in just after the directory was read).
     """
     root = os.fspath(states_dir)
     found: list[Entry] = []
@@ -140,6 +144,8 @@ def scan(states_dir: str | Path, match: str | None = None) -> list[Entry]:
                 continue
             head = _head(d.path)
             if isinstance(head, FileNotFoundError):
+                if gone is not None:
+                    gone.append(d.path)
                 continue  # removed while we looked
             if isinstance(head, tuple):
                 found.append(Entry(d.path, EntryKind.STATE, head[1], head[0]))
@@ -149,6 +155,8 @@ def scan(states_dir: str | Path, match: str | None = None) -> list[Entry]:
             try:
                 mtime = d.stat(follow_symlinks=False).st_mtime
             except FileNotFoundError:
+                if gone is not None:
+                    gone.append(d.path)
                 continue
             found.append(Entry(d.path, EntryKind.UNSEQUENCED, created=mtime))
     return found

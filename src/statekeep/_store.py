@@ -200,7 +200,8 @@ class StateStore:
         component; ``allow_missing=True`` loads it anyway and skips the components it
         does not hold (a program that has gained a component loading an older state).
         A directory without a manifest (an older tool's, loaded with ``verify=False``)
-        has nothing to check against: every component is called.
+        has nothing to check against: every component is called. While the components
+        read, the state is held against removal (a keeper leaves it for a later pass).
 
         Raises:
             FileNotFoundError: ``state_path`` does not exist.
@@ -210,6 +211,13 @@ class StateStore:
                 ``allow_missing``); no component was called.
         """
         root = os.fspath(state_path)  # str for our own reads; Path only for components
+        # Held against removal while it is read: a keeper leaves it for a later pass.
+        with _atomic.Pin(root):
+            self._load(state_path, root, verify=verify, allow_missing=allow_missing)
+
+    def _load(
+        self, state_path: str | Path, root: str, *, verify: bool, allow_missing: bool
+    ) -> None:
         recorded = None if verify else _scan.recorded_components(root)  # the cheap way
         manifest: _manifest.Manifest | None = None
         if verify:
@@ -241,8 +249,9 @@ class StateStore:
             if component not in missing:
                 state.load_state(path / component)
 
-    def _scan(self) -> list[Entry]:
-        """The directory's entries, oldest first.
+    def _scan(self, gone: list[str] | None = None) -> list[Entry]:
+        """The directory's entries, oldest first (those removed while we looked are
+        appended to ``gone``, see :func:`statekeep._scan.scan`).
 
         States copied in by hand (a backup restored) carry numbers the directory's
         counter never handed out: the counter is shown the highest of them, so that the
@@ -250,7 +259,7 @@ class StateStore:
         Only a manifest read whole and matching its seal is believed, and only when its
         head shows a number above what the counter has seen (no extra read otherwise).
         """
-        entries = oldest_first(_scan.scan(self._root))
+        entries = oldest_first(_scan.scan(self._root, gone=gone))
         for entry in reversed(entries):
             if entry.kind is not EntryKind.STATE or entry.sequence <= self._counter.seen:
                 break
@@ -269,18 +278,20 @@ class StateStore:
         A listing taken while states are renamed in (saves) and out (a keeper) may miss
         both the state that went and the one that came (readdir promises nothing about
         entries changed under it), and a state listed may be gone before it is read:
-        "nothing there" stands only when a second listing agrees with the first.
+        "nothing there" stands only when two listings in a row agree and neither lost an
+        entry while it was read.
         """
         seen: list[str] | None = None
         for _ in range(_MAX_RESCANS):
-            entries = self._scan()
+            gone: list[str] = []
+            entries = self._scan(gone)
             found = pick(entries)
             if found is not None:
                 return found
             listing = [e.path for e in entries]
-            if listing == seen:
+            if listing == seen and not gone:
                 return None
-            seen = listing
+            seen = None if gone else listing
         raise StatekeepError(
             f"states in {self._root} kept vanishing while listing ({_MAX_RESCANS} attempts)"
         )
@@ -376,7 +387,8 @@ class StateStore:
         seen: list[str] | None = None
         for _ in range(_MAX_RESCANS):
             vanished = False
-            entries = self._scan()
+            gone: list[str] = []
+            entries = self._scan(gone)
             for entry in reversed(entries):
                 if entry.kind is not EntryKind.STATE:
                     break
@@ -415,12 +427,13 @@ class StateStore:
                 continue
             # A listing taken while states are renamed in and out may miss both the state
             # that went and the one that came (readdir promises nothing about entries
-            # changed under it): "nothing loadable" stands only when a second listing
-            # agrees with the first.
+            # changed under it), and one that lost an entry while it was read proves
+            # nothing: "nothing loadable" stands only when two listings in a row agree
+            # and neither lost an entry.
             listing = [e.path for e in entries]
-            if listing == seen:
+            if listing == seen and not gone:
                 return None
-            seen = listing
+            seen = None if gone else listing
         raise StatekeepError(
             f"states in {self._root} kept vanishing while loading ({_MAX_RESCANS} attempts)"
         )
