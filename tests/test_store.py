@@ -826,13 +826,18 @@ class TestHeldWhileLoading:
 
         def fork(state: Path) -> None:
             r, w = os.pipe()
+            ready_r, ready_w = os.pipe()
             pid = os.fork()
-            if pid == 0:  # the child lives on after the load, until the pipe closes
+            if pid == 0:  # past fork() and its at-fork hooks: lives on until the pipe closes
                 os.close(w)
+                os.write(ready_w, b"r")
                 os.read(r, 1)
                 os._exit(0)
             os.close(r)
+            os.close(ready_w)
             children.append((pid, w))
+            assert os.read(ready_r, 1) == b"r"  # else the child may not have run its hooks yet
+            os.close(ready_r)
 
         store, older, _ = self.two_states(states_dir, fork)
         store.load_state(older)
