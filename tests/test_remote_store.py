@@ -22,6 +22,7 @@ from statekeep import (
     StateExistsError,
     StateStore,
     StorageError,
+    _atomic,
     _remote_states,
     verify_state,
 )
@@ -410,6 +411,50 @@ class TestDamagedLocalCopy:
         assert got.value == 1
         verify_state(last)
         assert again.list_states()[-1].location == "both"
+
+    def test_a_reader_of_the_damaged_copy_does_not_block_its_repair(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Where the kernel cannot exchange two directories (macOS), the damaged copy is
+        removed, then the good one renamed in: another loader reading the damaged copy
+        at that moment must not make this load give up on it and load an older state."""
+        monkeypatch.setattr(_atomic, "_exchange", lambda src, dst: False)
+        remote = DirectoryRemote(tmp_path / "r")
+        store, value = store_with(tmp_path / "m", remote, state_name_format="s%f.state")
+        for i in range(2):
+            value.value = f"value {i}"
+            last = store.save_state()
+        (last / "value").write_text('"value X"')
+        again, got = store_with(tmp_path / "m", DirectoryRemote(tmp_path / "r"))
+        with _atomic.Pin(str(last)) as other_loader:  # what another load_state holds
+            assert other_loader.held
+            assert again.load_latest_state() == last
+        assert got.value == "value 1"
+        verify_state(last)
+
+    def test_the_repaired_state_is_not_locked_while_the_damaged_copy_goes(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        remote = DirectoryRemote(tmp_path / "r")
+        store, value = store_with(tmp_path / "m", remote, state_name_format="s%f.state")
+        value.value = "good"
+        last = store.save_state()
+        (last / "value").write_text('"bad!"')
+        real = _atomic.remove_tree
+        held: list[bool] = []
+
+        def remove_tree(path: str | os.PathLike[str]) -> bool:
+            if os.path.basename(path).startswith(_atomic.PREFIX):  # the damaged copy
+                with _atomic.Pin(str(last)) as another_load:
+                    held.append(another_load.held)
+            return real(path)
+
+        monkeypatch.setattr(_atomic, "remove_tree", remove_tree)
+        again, got = store_with(tmp_path / "m", DirectoryRemote(tmp_path / "r"))
+        assert again.load_latest_state() == last
+        assert got.value == "good"
+        assert held
+        assert all(held), held
 
     @pytest.mark.timeout(120)
     def test_two_loaders_repair_at_once(self, tmp_path: Path) -> None:

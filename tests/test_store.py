@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -9,6 +10,8 @@ import json
 import logging
 import os
 import pickle
+import resource
+import signal
 import subprocess
 import sys
 import threading
@@ -849,6 +852,108 @@ class TestHeldWhileLoading:
             for pid, w in children:
                 os.close(w)
                 os.waitpid(pid, 0)
+
+    def fds_on(self, directory: Path) -> int:
+        """How many of this process's descriptors are open on ``directory``."""
+        count = 0
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                count += os.readlink(f"/proc/self/fd/{fd}") == str(directory)
+            except OSError:
+                continue
+        return count
+
+    def test_a_child_forked_while_the_load_waits_does_not_hold_it(
+        self, states_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The load waits for the lock (a remover holds it); another thread forks
+        meanwhile. The child's copy of the waiting descriptor must not keep the state."""
+        monkeypatch.setattr(_atomic, "_PIN_WAIT", 30.0)
+        _, older, _ = self.two_states(states_dir, None)
+        blocker = os.open(older, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(blocker, fcntl.LOCK_EX)
+        pinned: list[bool] = []
+
+        def load() -> None:
+            with _atomic.Pin(str(older)) as pin:
+                pinned.append(pin.held)
+
+        loader = threading.Thread(target=load)
+        loader.start()
+        child = -1
+        w = -1
+        try:
+            deadline = time.monotonic() + 30
+            while self.fds_on(older) < 2:  # the loader has opened it and waits
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+            r, w = os.pipe()
+            ready_r, ready_w = os.pipe()
+            child = os.fork()
+            if child == 0:
+                os.close(w)
+                os.write(ready_w, b"r")
+                os.read(r, 1)
+                os._exit(0)
+            os.close(r)
+            os.close(ready_w)
+            assert os.read(ready_r, 1) == b"r"
+            os.close(ready_r)
+            fcntl.flock(blocker, fcntl.LOCK_UN)
+            loader.join(30)
+            assert pinned == [True]
+            os.kill(child, 0)  # alive
+            assert LatestStatesKeeper(states_dir, max_keep=1).cleanup() == [older]
+        finally:
+            os.close(blocker)
+            loader.join(30)
+            if child > 0:
+                os.close(w)
+                os.waitpid(child, 0)
+
+    def test_an_interrupt_while_the_load_waits_leaks_nothing(
+        self, states_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Ctrl-C (a real SIGINT) while the load waits for the lock: the descriptor is
+        closed, and the state is not held for the rest of the process's life."""
+        monkeypatch.setattr(_atomic, "_PIN_WAIT", 30.0)
+        store, older, _ = self.two_states(states_dir, None)
+        blocker = os.open(older, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(blocker, fcntl.LOCK_EX)
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        previous = signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                store.load_state(older)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+            os.close(blocker)
+        assert self.fds_on(older) == 0
+        assert LatestStatesKeeper(states_dir, max_keep=1).cleanup() == [older]
+
+    def test_a_remover_that_cannot_open_it_leaves_it(self, states_dir: Path) -> None:
+        """Out of descriptors, the remover cannot see whether a reader holds the state:
+        it says so and leaves the state where it is (before: renamed away unlocked)."""
+        _, older, _ = self.two_states(states_dir, None)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        with _atomic.Pin(str(older)) as pin:
+            assert pin.held
+            spent: list[int] = []
+            resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+            try:
+                with contextlib.suppress(OSError):
+                    while True:
+                        spent.append(os.open(os.devnull, os.O_RDONLY))
+                with pytest.raises(OSError, match="Too many open files") as caught:
+                    _atomic.discard_committed(states_dir, older)
+            finally:
+                for fd in spent:
+                    os.close(fd)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            assert caught.value.errno == errno.EMFILE
+            assert older.is_dir()
+            assert _atomic.sweep(states_dir) == []  # nothing was renamed out of sight
 
     def test_a_brief_exclusive_hold_is_waited_out(self, states_dir: Path) -> None:
         _, older, _ = self.two_states(states_dir, None)

@@ -258,23 +258,27 @@ class Pin:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | _O_NOFOLLOW)
         except OSError:
             return  # gone, a link, not a directory, not readable: the read will say
-        try:
-            if not _lock_shared(fd):
-                os.close(fd)
-                return
-            # Opened before a remover renamed it out: the lock then holds a directory
-            # that no longer has this name.
-            named = os.stat(path, follow_symlinks=False)
-            here = os.fstat(fd)
-        except OSError:
-            os.close(fd)
-            return
-        if (named.st_dev, named.st_ino) != (here.st_dev, here.st_ino):
-            os.close(fd)
-            return
+        # Tracked before it is locked and before any wait: a child forked from now on
+        # closes its copy, and an interrupt (Ctrl-C during the wait) closes ours.
         self.fd = fd
-        self.held = True
         _live.entries.add(self)
+        try:
+            held = _lock_shared(fd)
+            if held:
+                # Opened before a remover renamed it out: the lock then holds a directory
+                # that no longer has this name.
+                named = os.stat(path, follow_symlinks=False)
+                here = os.fstat(fd)
+                held = (named.st_dev, named.st_ino) == (here.st_dev, here.st_ino)
+        except OSError:
+            held = False
+        except BaseException:
+            self.release()
+            raise
+        if held:
+            self.held = True
+        else:
+            self.release()
 
     def release(self) -> None:
         if self.fd >= 0:
@@ -286,6 +290,9 @@ class Pin:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __del__(self) -> None:  # an interrupt between __init__ and ``with``
         self.release()
 
 
@@ -306,26 +313,42 @@ def _lock_shared(fd: int) -> bool:
 
 
 def _lock_exclusive(path: str | os.PathLike[str]) -> int:
-    """An fd holding ``path``'s exclusive ``flock``, or -1 where it cannot be locked.
+    """An fd holding the exclusive ``flock`` of directory ``path``, or -1 where a
+    directory cannot be locked (no ``flock`` on its filesystem).
 
     Raises:
         StateInUse: a reader holds it (:class:`Pin`).
+        FileNotFoundError: ``path`` is gone.
+        OSError: ``path`` cannot be opened (out of descriptors, a permission): it is not
+            renamed away unlocked, from under a reader it could not see.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | _O_NOFOLLOW)
-    except OSError:
-        return -1  # a file or a link: nothing pins those
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | _O_NOFOLLOW)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        named = os.lstat(path)
+        here = os.fstat(fd)
     except BlockingIOError:
         os.close(fd)
         raise StateInUse(
             errno.EWOULDBLOCK, "a reader is loading it; left for a later pass", os.fspath(path)
         ) from None
-    except OSError:
+    except OSError as exc:
         os.close(fd)
-        return -1
+        if exc.errno in (errno.ENOLCK, errno.EINVAL, errno.EOPNOTSUPP):
+            return -1  # no flock here (some network filesystems): nothing can hold it
+        raise
+    except BaseException:
+        os.close(fd)
+        raise
+    if (named.st_dev, named.st_ino) != (here.st_dev, here.st_ino):
+        os.close(fd)  # another directory took the name meanwhile: that one stays
+        raise FileNotFoundError(errno.ENOENT, "replaced while it was being removed", str(path))
     return fd
+
+
+def trash_name(root: str | os.PathLike[str]) -> str:
+    """A fresh private name in ``root`` for an entry on its way out (see :func:`sweep`)."""
+    return f"{root}/{PREFIX}{_token()}.trash"
 
 
 def remove_tree(path: str | os.PathLike[str]) -> bool:
@@ -502,13 +525,15 @@ def sweep(root: Path) -> list[Path]:
     return removed
 
 
-def discard_committed(root: Path, path: Path) -> None:
+def discard_committed(root: Path, path: Path, *, readers: bool = True) -> None:
     """Remove a committed entry of ``root`` crash-safely.
 
     The entry is first renamed to a private ``.trash`` name, which takes it out of every
     listing at once; only then is it deleted. A crash in between leaves a ``.trash``
     entry that the next sweep removes. A directory is renamed only while this holds its
-    exclusive ``flock``, so never while a reader holds a :class:`Pin` on it.
+    exclusive ``flock``, so never while a reader holds a :class:`Pin` on it; with
+    ``readers=False`` (a damaged copy no reader can load whole) readers are not waited
+    for: theirs vanishes, and they list again.
 
     Raises:
         StateInUse: a reader is loading ``path``; it is left where it is.
@@ -526,8 +551,8 @@ def discard_committed(root: Path, path: Path) -> None:
         raise PermissionError(
             errno.EACCES, "a directory this user may not list or empty", str(path)
         )
-    trash = f"{root}/{PREFIX}{_token()}.trash"
-    guard = _lock_exclusive(path) if is_dir else -1
+    trash = trash_name(root)
+    guard = _lock_exclusive(path) if is_dir and readers else -1
     try:
         os.rename(path, trash)
     finally:

@@ -338,7 +338,8 @@ class Publisher:
             raise StateExistsError(errno.EEXIST, f"state {path} was replaced meanwhile", path)
         if _atomic._exchange(work, path):
             return True
-        _atomic.discard_committed(Path(self.root), Path(path))
+        # The damaged copy fails every reader: one reading it must not hold up its repair.
+        _atomic.discard_committed(Path(self.root), Path(path), readers=False)
         return False
 
     def pull(self, rs: RemoteState, replacing: Callable[[str, str], bool] | None = None) -> Path:

@@ -180,7 +180,17 @@ def restore_state(
         work.discard()
         raise
     if swapped:
-        work.discard()  # the damaged copy, swapped out under the private name
+        # The damaged copy, swapped out under the private name. Our lock now holds the
+        # good copy at its final name: drop it first (loaders hold what they read), and
+        # only then remove the damaged tree, under a trash name the sweep also reclaims.
+        trash = _atomic.trash_name(root)
+        try:
+            os.rename(work.spath, trash)
+        except OSError:
+            work.discard()
+        else:
+            work.release()
+            _atomic.remove_tree(trash)
     else:
         work.release()
     if durable:
