@@ -158,16 +158,26 @@ def read_raw(directory: Path, names: list[str]) -> None:
 
 
 def verified_read(directory: Path, names: list[str]) -> None:
-    """The least code that verifies then loads: parse the manifest, read and CRC each
-    file, compare, then read each file again as the component would."""
-    with open(directory / MANIFEST_NAME, "rb", buffering=0) as f:
-        expected = {e["path"]: e for e in json.loads(f.read())["files"]}
-    for cname in names:
-        with open(directory / cname, "rb", buffering=0) as f:
-            data = f.read()
-        if len(data) != expected[cname]["size"] or zlib.crc32(data) != expected[cname]["crc32"]:
-            raise ValueError(cname)
-    read_raw(directory, names)
+    """The least code that verifies then loads, held against a keeper's removal while it
+    reads (as load_state is): a shared flock on the directory, checked to still be the
+    one named; parse the manifest, read and CRC each file, compare, then read each file
+    again as the component would."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        if os.stat(directory, follow_symlinks=False).st_ino != os.fstat(fd).st_ino:
+            raise ValueError(directory)
+        with open(directory / MANIFEST_NAME, "rb", buffering=0) as f:
+            expected = {e["path"]: e for e in json.loads(f.read())["files"]}
+        for cname in names:
+            with open(directory / cname, "rb", buffering=0) as f:
+                data = f.read()
+            entry = expected[cname]
+            if len(data) != entry["size"] or zlib.crc32(data) != entry["crc32"]:
+                raise ValueError(cname)
+        read_raw(directory, names)
+    finally:
+        os.close(fd)
 
 
 def read_crc(path: Path) -> None:
@@ -394,7 +404,7 @@ def small_cases(tmp: Path, repeat: int) -> list[Case]:
     cases.append(
         Case(
             "min_verified_load",
-            "minimal verify-then-load (inline)",
+            "minimal held verify-then-load (inline)",
             lambda: timed(lambda: verified_read(saved, names), repeat),
             baseline="raw_read_small",
         )
