@@ -799,6 +799,28 @@ class During(PersistentStateMixin):
             self.during(path.parent)
 
 
+def fork_lingering_child() -> tuple[int, int]:
+    """Fork a child that lives until the returned pipe end is closed; (pid, that end).
+
+    Returns once the child is past ``fork()`` and its at-fork hooks (else a check made
+    at once could see the parent's descriptors still open in it)."""
+    r, w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(w)
+        os.write(ready_w, b"r")
+        os.read(r, 1)
+        os._exit(0)
+    os.close(r)
+    os.close(ready_w)
+    try:
+        assert os.read(ready_r, 1) == b"r"
+    finally:
+        os.close(ready_r)
+    return pid, w
+
+
 class TestHeldWhileLoading:
     """A state being loaded is held against removal: the keeper leaves it for later."""
 
@@ -828,19 +850,7 @@ class TestHeldWhileLoading:
         children: list[tuple[int, int]] = []
 
         def fork(state: Path) -> None:
-            r, w = os.pipe()
-            ready_r, ready_w = os.pipe()
-            pid = os.fork()
-            if pid == 0:  # past fork() and its at-fork hooks: lives on until the pipe closes
-                os.close(w)
-                os.write(ready_w, b"r")
-                os.read(r, 1)
-                os._exit(0)
-            os.close(r)
-            os.close(ready_w)
-            children.append((pid, w))
-            assert os.read(ready_r, 1) == b"r"  # else the child may not have run its hooks yet
-            os.close(ready_r)
+            children.append(fork_lingering_child())
 
         store, older, _ = self.two_states(states_dir, fork)
         store.load_state(older)
@@ -887,18 +897,7 @@ class TestHeldWhileLoading:
             while self.fds_on(older) < 2:  # the loader has opened it and waits
                 assert time.monotonic() < deadline
                 time.sleep(0.001)
-            r, w = os.pipe()
-            ready_r, ready_w = os.pipe()
-            child = os.fork()
-            if child == 0:
-                os.close(w)
-                os.write(ready_w, b"r")
-                os.read(r, 1)
-                os._exit(0)
-            os.close(r)
-            os.close(ready_w)
-            assert os.read(ready_r, 1) == b"r"
-            os.close(ready_r)
+            child, w = fork_lingering_child()
             fcntl.flock(blocker, fcntl.LOCK_UN)
             loader.join(30)
             assert pinned == [True]
