@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import zlib
+from collections.abc import Callable, Iterator
 from datetime import timezone
 from pathlib import Path
 from typing import Any
@@ -873,6 +874,38 @@ class TestHeldWhileLoading:
                 continue
         return count
 
+    @contextlib.contextmanager
+    def waiting_load(self, state: Path) -> Iterator[tuple[Callable[[], None], list[bool]]]:
+        """A thread's ``Pin`` on ``state``, opened and waiting for the exclusive lock
+        this holds (as a remover does); yields a function that lets go of that lock and
+        waits for the thread, and what the pin said (``held``)."""
+        blocker = os.open(state, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(blocker, fcntl.LOCK_EX)
+        pinned: list[bool] = []
+
+        def load() -> None:
+            with _atomic.Pin(str(state)) as pin:
+                pinned.append(pin.held)
+
+        loader = threading.Thread(target=load)
+        loader.start()
+
+        def let_go() -> None:
+            fcntl.flock(blocker, fcntl.LOCK_UN)
+            loader.join(30)
+            assert not loader.is_alive()
+
+        try:
+            deadline = time.monotonic() + 30
+            while self.fds_on(state) < 2:  # the loader has opened it and waits
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+            yield let_go, pinned
+        finally:
+            fcntl.flock(blocker, fcntl.LOCK_UN)
+            loader.join(30)
+            os.close(blocker)
+
     def test_a_child_forked_while_the_load_waits_does_not_hold_it(
         self, states_dir: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
@@ -880,35 +913,32 @@ class TestHeldWhileLoading:
         meanwhile. The child's copy of the waiting descriptor must not keep the state."""
         monkeypatch.setattr(_atomic, "_PIN_WAIT", 30.0)
         _, older, _ = self.two_states(states_dir, None)
-        blocker = os.open(older, os.O_RDONLY | os.O_DIRECTORY)
-        fcntl.flock(blocker, fcntl.LOCK_EX)
-        pinned: list[bool] = []
-
-        def load() -> None:
-            with _atomic.Pin(str(older)) as pin:
-                pinned.append(pin.held)
-
-        loader = threading.Thread(target=load)
-        loader.start()
-        child = -1
-        w = -1
+        child, w = -1, -1
         try:
-            deadline = time.monotonic() + 30
-            while self.fds_on(older) < 2:  # the loader has opened it and waits
-                assert time.monotonic() < deadline
-                time.sleep(0.001)
-            child, w = fork_lingering_child()
-            fcntl.flock(blocker, fcntl.LOCK_UN)
-            loader.join(30)
+            with self.waiting_load(older) as (let_go, pinned):
+                child, w = fork_lingering_child()
+                let_go()
             assert pinned == [True]
             os.kill(child, 0)  # alive
             assert LatestStatesKeeper(states_dir, max_keep=1).cleanup() == [older]
         finally:
-            os.close(blocker)
-            loader.join(30)
             if child > 0:
                 os.close(w)
                 os.waitpid(child, 0)
+
+    def test_a_state_renamed_away_while_the_load_waits_is_not_held(
+        self, states_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The load opened the directory, then waited for a remover that renamed it out
+        and put another directory under its name: the lock it then gets is on the old
+        directory, so the new one is not held."""
+        monkeypatch.setattr(_atomic, "_PIN_WAIT", 30.0)
+        _, older, _ = self.two_states(states_dir, None)
+        with self.waiting_load(older) as (let_go, pinned):
+            older.rename(states_dir / ".statekeep-x.trash")
+            older.mkdir()
+            let_go()
+        assert pinned == [False]
 
     def test_an_interrupt_while_the_load_waits_leaks_nothing(
         self, states_dir: Path, monkeypatch: pytest.MonkeyPatch

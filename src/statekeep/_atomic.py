@@ -264,12 +264,9 @@ class Pin:
         _live.entries.add(self)
         try:
             held = _lock_shared(fd)
-            if held:
-                # Opened before a remover renamed it out: the lock then holds a directory
-                # that no longer has this name.
-                named = os.stat(path, follow_symlinks=False)
-                here = os.fstat(fd)
-                held = (named.st_dev, named.st_ino) == (here.st_dev, here.st_ino)
+            # Opened before a remover renamed it out: the lock then holds a directory
+            # that no longer has this name.
+            held = held and _still_named(path, fd)
         except OSError:
             held = False
         except BaseException:
@@ -325,8 +322,7 @@ def _lock_exclusive(path: str | os.PathLike[str]) -> int:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | _O_NOFOLLOW)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        named = os.lstat(path)
-        here = os.fstat(fd)
+        named = _still_named(path, fd)
     except BlockingIOError:
         os.close(fd)
         raise StateInUse(
@@ -340,8 +336,8 @@ def _lock_exclusive(path: str | os.PathLike[str]) -> int:
     except BaseException:
         os.close(fd)
         raise
-    if (named.st_dev, named.st_ino) != (here.st_dev, here.st_ino):
-        os.close(fd)  # another directory took the name meanwhile: that one stays
+    if not named:
+        os.close(fd)  # gone, or another directory took the name meanwhile: that one stays
         raise FileNotFoundError(errno.ENOENT, "replaced while it was being removed", str(path))
     return fd
 
@@ -373,6 +369,15 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | _O_NOFOLLOW
 def _dir_id(fd: int) -> tuple[int, int]:
     st = os.fstat(fd)
     return st.st_dev, st.st_ino
+
+
+def _still_named(path: str | os.PathLike[str], fd: int) -> bool:
+    """Whether ``path`` (not followed) still names the file open as ``fd``."""
+    try:
+        now = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return (now.st_dev, now.st_ino) == _dir_id(fd)
 
 
 def _remove_dir_tree(path: str) -> None:
@@ -434,12 +439,7 @@ def _reclaim_work(path: str) -> bool:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return False
-        locked = os.fstat(fd)
-        try:
-            now = os.lstat(path)
-        except FileNotFoundError:
-            return False
-        if (now.st_dev, now.st_ino) != (locked.st_dev, locked.st_ino):
+        if not _still_named(path, fd):
             return False
         return remove_tree(path)
     finally:
